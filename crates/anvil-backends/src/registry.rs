@@ -1,0 +1,1 @@
+//! The spawner registry: one backend per kind, built from probes at start.
