@@ -8,7 +8,12 @@
 //! Adding a backend = one module implementing [`Backend`] + one line in [`registry`].
 
 pub mod agent;
+pub mod bubblewrap;
+pub mod cgroup;
+pub mod firecracker;
 pub mod mock;
+pub mod mount;
+pub mod procfs;
 pub mod registry;
 pub mod spec;
 

@@ -1,0 +1,1 @@
+//! bubblewrap backend.

@@ -1,0 +1,1 @@
+//! Mount helpers (overlay, unmount).
