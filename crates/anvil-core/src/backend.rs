@@ -6,7 +6,9 @@ use utoipa::ToSchema;
 
 /// Every isolation backend anvil knows by name. Kinds without an implementation probe as
 /// unavailable, with that reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendKind {
     Firecracker,
@@ -144,6 +146,9 @@ mod tests {
             assert_eq!(k.as_str().parse::<BackendKind>().unwrap(), k);
             assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{k}\""));
         }
-        assert!("vmware".parse::<BackendKind>().unwrap_err().contains("vmware"));
+        assert!("vmware"
+            .parse::<BackendKind>()
+            .unwrap_err()
+            .contains("vmware"));
     }
 }

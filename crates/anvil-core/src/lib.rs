@@ -4,4 +4,11 @@
 //! runtime. Parsing functions take text; the daemon reads the files.
 
 pub mod backend;
+pub mod config;
+pub mod hooks;
+pub mod ids;
 pub mod lifecycle;
+pub mod policy;
+pub mod quantity;
+pub mod template;
+mod tomlfile;

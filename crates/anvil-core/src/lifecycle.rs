@@ -5,7 +5,9 @@ use std::fmt;
 use utoipa::ToSchema;
 
 /// States of a sandbox instance, kebab-case on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum SandboxState {
     Pending,
