@@ -9,6 +9,8 @@ pub mod hooks;
 pub mod ids;
 pub mod lifecycle;
 pub mod policy;
+pub mod pool;
 pub mod quantity;
+pub mod selector;
 pub mod template;
 mod tomlfile;

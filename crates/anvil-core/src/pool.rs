@@ -1,0 +1,572 @@
+//! Warm-pool bookkeeping (SPEC §4 pools, §6 `[pool]`). Pure: the daemon passes the time in and
+//! carries out the plan (creates, destroys); this module decides how many and which.
+//!
+//! Rules: a pool pre-warms to `target` counting creations in flight, never holds more than
+//! `max`, destroys warm instances older than `warm_ttl`, and after `failure_threshold`
+//! consecutive failed creations backs off exponentially (initial .. max) until one succeeds.
+
+use crate::backend::BackendKind;
+use crate::config::PoolSection;
+use crate::policy::PolicyPool;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use utoipa::ToSchema;
+
+/// Pools are per backend, workload class and image.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+pub struct PoolKey {
+    pub backend: BackendKind,
+    pub workload_class: String,
+    pub image_digest: String,
+}
+
+/// Sizing of one pool (from its policy, or `PUT /v1/pools/{backend}/{class}/sizing`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolSizing {
+    pub min: u32,
+    pub target: u32,
+    pub max: u32,
+    pub enabled: bool,
+    /// Image the pool pre-warms; None = the policy's default template's digest.
+    #[serde(default)]
+    pub image_digest: Option<String>,
+    pub warm_ttl_secs: u64,
+}
+
+impl PoolSizing {
+    pub fn from_policy(p: &PolicyPool) -> PoolSizing {
+        PoolSizing {
+            min: p.min,
+            target: p.target,
+            max: p.max,
+            enabled: p.enabled,
+            image_digest: None,
+            // Sub-second TTLs round up so that a configured TTL never becomes 0.
+            warm_ttl_secs: p.warm_ttl.0.as_secs() + u64::from(p.warm_ttl.0.subsec_nanos() > 0),
+        }
+    }
+
+    /// `min <= target <= max`, `warm_ttl_secs > 0`; errors name the fields and values.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.min > self.target {
+            return Err(format!(
+                "min ({}) is greater than target ({})",
+                self.min, self.target
+            ));
+        }
+        if self.target > self.max {
+            return Err(format!(
+                "target ({}) is greater than max ({})",
+                self.target, self.max
+            ));
+        }
+        if self.warm_ttl_secs == 0 {
+            return Err("warm_ttl_secs must be greater than 0".into());
+        }
+        if let Some(d) = &self.image_digest {
+            if d.is_empty() {
+                return Err("image_digest must not be empty when given".into());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn warm_ttl(&self) -> Duration {
+        Duration::from_secs(self.warm_ttl_secs)
+    }
+}
+
+/// Daemon-wide refill behaviour (`[pool]` of the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub failure_threshold: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl PoolSettings {
+    pub fn from_config(c: &PoolSection) -> PoolSettings {
+        PoolSettings {
+            failure_threshold: c.failure_threshold.max(1),
+            backoff_initial: c.backoff_initial.0,
+            backoff_max: c.backoff_max.0.max(c.backoff_initial.0),
+        }
+    }
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings::from_config(&PoolSection::default())
+    }
+}
+
+/// `GET /v1/pools` stats.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+pub struct PoolStats {
+    pub warm_count: u32,
+    pub target: u32,
+    pub total_hits: u64,
+    pub total_misses: u64,
+    pub evict_count: u64,
+    pub refill_failures: u64,
+}
+
+/// What the refiller should do now.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PoolPlan {
+    /// New warm instances to start now (call `creation_started` for each).
+    pub create: u32,
+    /// How many of `create` are needed to get back to `min` (refill these first).
+    pub urgent: u32,
+    /// Warm instances to destroy (expired, above `max`, or the pool is disabled). They are
+    /// already removed from the book and cannot be claimed.
+    pub evict: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Warm {
+    id: String,
+    since: Instant,
+}
+
+/// The state of one pool.
+#[derive(Debug, Clone)]
+pub struct PoolBook {
+    sizing: PoolSizing,
+    settings: PoolSettings,
+    /// Oldest first.
+    warm: VecDeque<Warm>,
+    in_flight: u32,
+    hits: u64,
+    misses: u64,
+    evicted: u64,
+    refill_failures: u64,
+    consecutive_failures: u32,
+    backoff: Option<Duration>,
+    backoff_until: Option<Instant>,
+}
+
+impl PoolBook {
+    pub fn new(sizing: PoolSizing, settings: PoolSettings) -> PoolBook {
+        PoolBook {
+            sizing,
+            settings,
+            warm: VecDeque::new(),
+            in_flight: 0,
+            hits: 0,
+            misses: 0,
+            evicted: 0,
+            refill_failures: 0,
+            consecutive_failures: 0,
+            backoff: None,
+            backoff_until: None,
+        }
+    }
+
+    pub fn sizing(&self) -> &PoolSizing {
+        &self.sizing
+    }
+
+    /// New sizing takes effect at the next `plan` (which evicts above a lowered `max`).
+    pub fn set_sizing(&mut self, sizing: PoolSizing) {
+        self.sizing = sizing;
+    }
+
+    pub fn set_settings(&mut self, settings: PoolSettings) {
+        self.settings = settings;
+    }
+
+    /// Adds a warm instance (a finished creation, or a reset instance returning to the pool).
+    /// Returns false, leaving the book unchanged, if the pool is disabled, already holds it,
+    /// or is full (`max` warm); the caller then destroys the instance.
+    pub fn add_warm(&mut self, id: impl Into<String>, now: Instant) -> bool {
+        let id = id.into();
+        if !self.sizing.enabled
+            || self.warm.len() >= self.sizing.max as usize
+            || self.warm.iter().any(|w| w.id == id)
+        {
+            return false;
+        }
+        self.warm.push_back(Warm { id, since: now });
+        true
+    }
+
+    /// Takes the oldest warm instance (the one closest to its TTL). Counts a hit or a miss.
+    pub fn claim(&mut self) -> Option<String> {
+        match self.warm.pop_front() {
+            Some(w) => {
+                self.hits += 1;
+                Some(w.id)
+            }
+            None => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Takes the oldest warm instance accepted by `pred` (e.g. one whose process is still
+    /// alive), counting a hit or miss like `claim`.
+    pub fn claim_where(&mut self, pred: &dyn Fn(&str) -> bool) -> Option<String> {
+        match self.warm.iter().position(|w| pred(&w.id)) {
+            Some(i) => {
+                self.hits += 1;
+                self.warm.remove(i).map(|w| w.id)
+            }
+            None => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Forgets a warm instance (it died, or was destroyed by someone else). True if it was here.
+    pub fn remove(&mut self, id: &str) -> bool {
+        match self.warm.iter().position(|w| w.id == id) {
+            Some(i) => {
+                self.warm.remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes and returns every warm instance (`POST .../drain`), oldest first.
+    pub fn drain(&mut self) -> Vec<String> {
+        self.warm.drain(..).map(|w| w.id).collect()
+    }
+
+    pub fn warm_ids(&self) -> Vec<String> {
+        self.warm.iter().map(|w| w.id.clone()).collect()
+    }
+
+    pub fn warm_count(&self) -> u32 {
+        u32::try_from(self.warm.len()).unwrap_or(u32::MAX)
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.consecutive_failures
+    }
+
+    /// When refills may start again, if the pool is backing off.
+    pub fn backoff_until(&self, now: Instant) -> Option<Instant> {
+        self.backoff_until.filter(|t| *t > now)
+    }
+
+    /// Evicts what must go and says how many to create.
+    pub fn plan(&mut self, now: Instant) -> PoolPlan {
+        let mut evict = Vec::new();
+        if !self.sizing.enabled {
+            evict.extend(self.warm.drain(..).map(|w| w.id));
+            self.evicted += evict.len() as u64;
+            return PoolPlan {
+                create: 0,
+                urgent: 0,
+                evict,
+            };
+        }
+        let ttl = self.sizing.warm_ttl();
+        self.warm.retain(|w| {
+            let expired = now.saturating_duration_since(w.since) >= ttl;
+            if expired {
+                evict.push(w.id.clone());
+            }
+            !expired
+        });
+        while self.warm.len() > self.sizing.max as usize {
+            match self.warm.pop_front() {
+                Some(w) => evict.push(w.id),
+                None => break,
+            }
+        }
+        self.evicted += evict.len() as u64;
+
+        let have = self.warm_count().saturating_add(self.in_flight);
+        let create = if self.backoff_until(now).is_some() {
+            0
+        } else {
+            self.sizing
+                .target
+                .saturating_sub(have)
+                .min(self.sizing.max.saturating_sub(have))
+        };
+        let urgent = self.sizing.min.saturating_sub(have).min(create);
+        PoolPlan {
+            create,
+            urgent,
+            evict,
+        }
+    }
+
+    /// A planned creation has started.
+    pub fn creation_started(&mut self) {
+        self.in_flight = self.in_flight.saturating_add(1);
+    }
+
+    /// A creation has ended. Success resets the failure streak and backoff (then call
+    /// `add_warm`); failure counts, and from `failure_threshold` consecutive failures on sets a
+    /// backoff that doubles from `backoff_initial` up to `backoff_max`.
+    pub fn creation_finished(&mut self, ok: bool, now: Instant) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if ok {
+            self.consecutive_failures = 0;
+            self.backoff = None;
+            self.backoff_until = None;
+            return;
+        }
+        self.refill_failures += 1;
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        if self.consecutive_failures >= self.settings.failure_threshold {
+            let next = match self.backoff {
+                None => self.settings.backoff_initial,
+                Some(b) => b.saturating_mul(2).min(self.settings.backoff_max),
+            };
+            self.backoff = Some(next);
+            self.backoff_until = Some(now + next);
+        }
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            warm_count: self.warm_count(),
+            target: self.sizing.target,
+            total_hits: self.hits,
+            total_misses: self.misses,
+            evict_count: self.evicted,
+            refill_failures: self.refill_failures,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sizing(min: u32, target: u32, max: u32, ttl: u64) -> PoolSizing {
+        PoolSizing {
+            min,
+            target,
+            max,
+            enabled: true,
+            image_digest: None,
+            warm_ttl_secs: ttl,
+        }
+    }
+
+    fn settings() -> PoolSettings {
+        PoolSettings {
+            failure_threshold: 3,
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(4),
+        }
+    }
+
+    #[test]
+    fn sizing_validation_names_values() {
+        assert!(sizing(0, 0, 0, 1).validate().is_ok());
+        assert!(sizing(2, 4, 16, 600).validate().is_ok());
+        let e = sizing(3, 2, 5, 1).validate().unwrap_err();
+        assert!(e.contains("min (3)") && e.contains("target (2)"), "{e}");
+        let e = sizing(1, 6, 5, 1).validate().unwrap_err();
+        assert!(e.contains("target (6)") && e.contains("max (5)"), "{e}");
+        assert!(sizing(0, 1, 1, 0).validate().is_err());
+        let p = PolicyPool {
+            enabled: true,
+            min: 1,
+            target: 2,
+            max: 3,
+            warm_ttl: crate::quantity::DurationValue::millis(1500),
+            reset_mode: crate::backend::ResetMode::FullRecreate,
+        };
+        let s = PoolSizing::from_policy(&p);
+        assert_eq!((s.min, s.target, s.max, s.warm_ttl_secs), (1, 2, 3, 2));
+    }
+
+    #[test]
+    fn fills_to_target_counting_in_flight() {
+        let t0 = Instant::now();
+        let mut b = PoolBook::new(sizing(1, 3, 5, 60), settings());
+        let p = b.plan(t0);
+        assert_eq!((p.create, p.urgent), (3, 1));
+        for _ in 0..p.create {
+            b.creation_started();
+        }
+        // Nothing more while those are in flight.
+        assert_eq!(b.plan(t0).create, 0);
+        b.creation_finished(true, t0);
+        assert!(b.add_warm("a", t0));
+        assert_eq!(b.plan(t0).create, 0);
+        assert_eq!(b.in_flight(), 2);
+        assert_eq!(b.claim().as_deref(), Some("a"));
+        assert_eq!(b.plan(t0).create, 1);
+    }
+
+    #[test]
+    fn claim_is_oldest_first_and_counts() {
+        let t0 = Instant::now();
+        let mut b = PoolBook::new(sizing(0, 3, 3, 60), settings());
+        assert!(b.add_warm("old", t0));
+        assert!(b.add_warm("mid", t0 + Duration::from_secs(1)));
+        assert!(!b.add_warm("mid", t0 + Duration::from_secs(1)));
+        assert!(b.add_warm("new", t0 + Duration::from_secs(2)));
+        assert!(!b.add_warm("extra", t0), "full at max");
+        assert_eq!(b.claim().as_deref(), Some("old"));
+        assert_eq!(b.claim_where(&|id| id == "new").as_deref(), Some("new"));
+        assert_eq!(b.claim_where(&|_| false), None);
+        assert!(b.remove("mid"));
+        assert!(!b.remove("mid"));
+        assert_eq!(b.claim(), None);
+        let s = b.stats();
+        assert_eq!(
+            (s.total_hits, s.total_misses, s.warm_count, s.target),
+            (2, 2, 0, 3)
+        );
+    }
+
+    #[test]
+    fn evicts_expired_and_above_max() {
+        let t0 = Instant::now();
+        let mut b = PoolBook::new(sizing(0, 4, 4, 10), settings());
+        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            assert!(b.add_warm(*id, t0 + Duration::from_secs(i as u64)));
+        }
+        let p = b.plan(t0 + Duration::from_secs(11));
+        assert_eq!(p.evict, vec!["a", "b"]);
+        assert_eq!(p.create, 2, "expired ones are replaced");
+        assert_eq!(b.warm_ids(), vec!["c", "d"]);
+        // Lowering max evicts the oldest extras.
+        b.set_sizing(sizing(0, 1, 1, 10));
+        let p = b.plan(t0 + Duration::from_secs(11));
+        assert_eq!(p.evict, vec!["c"]);
+        assert_eq!(p.create, 0);
+        assert_eq!(b.stats().evict_count, 3);
+        // Disabling evicts everything and plans nothing.
+        let mut s = sizing(0, 1, 1, 10);
+        s.enabled = false;
+        b.set_sizing(s);
+        let p = b.plan(t0 + Duration::from_secs(11));
+        assert_eq!((p.evict.clone(), p.create), (vec!["d".to_string()], 0));
+        assert!(!b.add_warm("z", t0));
+    }
+
+    #[test]
+    fn backoff_after_threshold_doubles_to_max_and_resets() {
+        let t0 = Instant::now();
+        let mut b = PoolBook::new(sizing(0, 2, 2, 60), settings());
+        let fail = |b: &mut PoolBook, at: Instant| {
+            b.creation_started();
+            b.creation_finished(false, at);
+        };
+        fail(&mut b, t0);
+        fail(&mut b, t0);
+        assert!(b.backoff_until(t0).is_none(), "below threshold");
+        assert_eq!(b.plan(t0).create, 2);
+        fail(&mut b, t0);
+        assert_eq!(b.backoff_until(t0), Some(t0 + Duration::from_millis(500)));
+        assert_eq!(b.plan(t0).create, 0);
+        assert_eq!(b.plan(t0 + Duration::from_millis(500)).create, 2);
+        let mut at = t0 + Duration::from_millis(500);
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            fail(&mut b, at);
+            let until = b.backoff_until(at).unwrap();
+            seen.push(until - at);
+            at = until;
+        }
+        assert_eq!(
+            seen,
+            [1000, 2000, 4000, 4000, 4000].map(Duration::from_millis)
+        );
+        assert_eq!(b.stats().refill_failures, 8);
+        b.creation_started();
+        b.creation_finished(true, at);
+        assert_eq!(b.consecutive_failures(), 0);
+        assert!(b.backoff_until(at).is_none());
+        // After a success, the threshold applies again from scratch.
+        fail(&mut b, at);
+        assert!(b.backoff_until(at).is_none());
+    }
+
+    /// Deterministic pseudo-random walk over the book's operations, checking the invariants
+    /// after every step.
+    #[test]
+    fn invariants_hold_under_random_operations() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for round in 0..200 {
+            let max = rnd(8) as u32;
+            let target = rnd(u64::from(max) + 1) as u32;
+            let min = rnd(u64::from(target) + 1) as u32;
+            let ttl = 1 + rnd(20);
+            let mut b = PoolBook::new(sizing(min, target, max, ttl), settings());
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut next_id = 0u32;
+            let mut warm_since: std::collections::HashMap<String, Instant> = Default::default();
+            for _ in 0..300 {
+                now += Duration::from_millis(rnd(3000));
+                match rnd(6) {
+                    0 | 1 => {
+                        let p = b.plan(now);
+                        for id in &p.evict {
+                            warm_since.remove(id);
+                        }
+                        let have = b.warm_count() + b.in_flight();
+                        assert!(have + p.create <= max, "round {round}: exceeds max");
+                        assert!(
+                            have + p.create <= target.max(have),
+                            "round {round}: exceeds target"
+                        );
+                        assert!(p.urgent <= p.create);
+                        assert!(b.warm_count() <= max);
+                        for id in b.warm_ids() {
+                            let age = now.duration_since(warm_since[&id]);
+                            assert!(
+                                age < Duration::from_secs(ttl),
+                                "round {round}: expired kept"
+                            );
+                        }
+                        for _ in 0..p.create {
+                            b.creation_started();
+                        }
+                    }
+                    2 if b.in_flight() > 0 => {
+                        let ok = rnd(3) != 0;
+                        b.creation_finished(ok, now);
+                        if ok {
+                            next_id += 1;
+                            let id = format!("i{next_id}");
+                            if b.add_warm(id.clone(), now) {
+                                warm_since.insert(id, now);
+                            }
+                        }
+                    }
+                    3 => {
+                        if let Some(id) = b.claim() {
+                            warm_since.remove(&id);
+                        }
+                    }
+                    4 => {
+                        if let Some(id) = b.warm_ids().first().cloned() {
+                            assert!(b.remove(&id));
+                            warm_since.remove(&id);
+                        }
+                    }
+                    _ => {}
+                }
+                assert!(b.warm_count() <= max, "round {round}: warm above max");
+                assert_eq!(b.warm_count() as usize, warm_since.len());
+            }
+        }
+    }
+}
