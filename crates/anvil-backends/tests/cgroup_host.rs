@@ -77,6 +77,9 @@ fn quota_join_freeze_kill_remove() {
     let cg = mgr.create(&name, &quota).unwrap();
     let guard = Guard(cg.clone());
     assert!(!cg.dirs().is_empty());
+    if mgr.mode() == Mode::Hybrid {
+        assert_eq!(cg.dirs().len(), 5, "hybrid: 4 v1 dirs + the unified one");
+    }
     for d in cg.dirs() {
         assert!(d.is_dir(), "{} missing", d.display());
     }

@@ -289,12 +289,14 @@ impl BubblewrapBackend {
         let result = async {
             self.prepare_fs(&data, spec, from).await?;
             let (name, quota) = (spec.cgroup_name.clone(), spec.quota.clone());
-            blocking(move || {
+            let cgroup = blocking(move || {
                 mgr.create(&name, &quota)
                     .map_err(|e| BackendError::Other(format!("create cgroup: {e}")))
             })
             .await?;
-            self.start(data.clone(), spec).await
+            let mut data = data.clone();
+            data.cgroup = cgroup;
+            self.start(data, spec).await
         }
         .await;
         match result {

@@ -5,7 +5,7 @@
 //! - [`Mode::V2`]: a cgroup2 tree with the memory/pids/cpu controllers (production hosts).
 //! - [`Mode::V1`]: one v1 hierarchy per controller (memory, pids, cpu, freezer).
 //! - [`Mode::Hybrid`]: v1 controllers plus a controller-less cgroup2 mount; the sandbox also
-//!   gets a v2 directory there when the kernel offers `cgroup.kill` (fast, race-free kill).
+//!   gets a v2 directory there, whose `cgroup.kill` (kernels >= 5.14) kills race-free.
 //!
 //! All calls are synchronous file-system operations; async callers wrap the slow ones
 //! (freeze, kill_all, remove) in `spawn_blocking`.
@@ -142,7 +142,9 @@ impl CgroupManager {
                     cg.v1
                         .insert(ctrl.clone(), mount.join(&self.root_name).join(name));
                 }
-                if self.layout.mode == Mode::Hybrid && self.hybrid_has_kill() {
+                // Hybrid: also a dir in the controller-less v2 tree, for `cgroup.kill` (used
+                // when the kernel has it). Always present so `open` never depends on state.
+                if self.layout.mode == Mode::Hybrid {
                     cg.unified = self
                         .layout
                         .unified
@@ -213,14 +215,6 @@ impl CgroupManager {
             }
         }
         Ok(roots)
-    }
-
-    /// `cgroup.kill` exists only in non-root v2 cgroups; the daemon's root dir tells.
-    fn hybrid_has_kill(&self) -> bool {
-        self.layout
-            .unified
-            .as_ref()
-            .is_some_and(|u| u.join(&self.root_name).join("cgroup.kill").exists())
     }
 }
 

@@ -194,3 +194,28 @@ fn counters_parse() {
     );
     assert_eq!(ops::parse_counter("oom 1\n", "oom_kill"), None);
 }
+
+#[test]
+fn hybrid_paths_do_not_depend_on_existing_roots() {
+    let base = tempfile::tempdir().unwrap();
+    for c in ["memory", "pids", "cpu", "freezer", "unified"] {
+        fs::create_dir(base.path().join(c)).unwrap();
+    }
+    fs::write(base.path().join("unified/cgroup.controllers"), "").unwrap();
+    let cfg = CgroupConfig {
+        root_name: "anvil".into(),
+        base: Some(base.path().to_path_buf()),
+    };
+    let mgr = CgroupManager::new(&cfg).unwrap();
+    assert_eq!(mgr.mode(), Mode::Hybrid);
+    // Same answer before and after the root dirs exist (a persisted Cgroup must match).
+    let before = mgr.open("s1").unwrap();
+    mgr.check_usable().unwrap();
+    assert_eq!(mgr.open("s1").unwrap(), before);
+    assert_eq!(before.dirs().len(), 5);
+    assert_eq!(before.unified, Some(base.path().join("unified/anvil/s1")));
+    assert_eq!(
+        before.memory_dir(),
+        Some(base.path().join("memory/anvil/s1").as_path())
+    );
+}
