@@ -36,15 +36,33 @@ async fn boot_to_marker_in_cgroup_then_destroy_leaves_nothing() {
     assert_eq!(rt.data["start_path"], "boot");
     assert_eq!(api(&rt).instance_info().await.unwrap().state, "Running");
     let pid = rt.pid.unwrap();
-    assert!(in_test_cgroup(pid, &spec.cgroup_name), "{}", std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap());
-    let mem_limit = format!("/sys/fs/cgroup/memory/{CGROUP_ROOT}/{}/memory.limit_in_bytes", spec.cgroup_name);
+    assert!(
+        in_test_cgroup(pid, &spec.cgroup_name),
+        "{}",
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap()
+    );
+    let mem_limit = format!(
+        "/sys/fs/cgroup/memory/{CGROUP_ROOT}/{}/memory.limit_in_bytes",
+        spec.cgroup_name
+    );
     if std::path::Path::new(&mem_limit).exists() {
-        assert_eq!(std::fs::read_to_string(&mem_limit).unwrap().trim(), (256u64 << 20).to_string());
+        assert_eq!(
+            std::fs::read_to_string(&mem_limit).unwrap().trim(),
+            (256u64 << 20).to_string()
+        );
     }
     // Its own process group: a signal to the daemon's group does not reach it.
-    assert_eq!(nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).unwrap().as_raw(), pid);
+    assert_eq!(
+        nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid)))
+            .unwrap()
+            .as_raw(),
+        pid
+    );
     let ep = env.backend.agent_endpoint(&rt).unwrap();
-    assert!(matches!(ep, anvil_backends::agent::AgentEndpoint::Vsock { port: 1024, .. }));
+    assert!(matches!(
+        ep,
+        anvil_backends::agent::AgentEndpoint::Vsock { port: 1024, .. }
+    ));
 
     env.backend.destroy(&rt).await.unwrap();
     assert_gone(&rt, &spec);
@@ -63,7 +81,11 @@ async fn pause_stops_the_guest_and_resume_restarts_it() {
     assert_eq!(api(&rt).instance_info().await.unwrap().state, "Paused");
     let frozen = ticks(&spec).last().copied().unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await; // ~7 ticks if it were running
-    assert_eq!(ticks(&spec).last().copied().unwrap(), frozen, "guest ticked while paused");
+    assert_eq!(
+        ticks(&spec).last().copied().unwrap(),
+        frozen,
+        "guest ticked while paused"
+    );
     env.backend.resume(&rt).await.unwrap();
     assert_eq!(api(&rt).instance_info().await.unwrap().state, "Running");
     tick_above(&spec, frozen).await;
@@ -77,14 +99,22 @@ async fn five_concurrent_restores_from_one_snapshot() {
     let env = Env::new(false);
     let t0 = Instant::now();
     let template = env.snapshot_template().await;
-    eprintln!("prepare snapshot (boot + pause + snapshot + stop): {:?}", t0.elapsed());
+    eprintln!(
+        "prepare snapshot (boot + pause + snapshot + stop): {:?}",
+        t0.elapsed()
+    );
     let snap = template.snapshot_dir.clone().unwrap();
     let mem = std::fs::metadata(snap.join("mem")).unwrap().len();
     assert_eq!(mem, 32 << 20, "memory file holds all guest memory");
     assert!(snap.join("vmstate").exists() && snap.join("snapshot.json").exists());
-    assert!(!env.dir.path().join("prepare").exists(), "snapshot VM work dir left behind");
+    assert!(
+        !env.dir.path().join("prepare").exists(),
+        "snapshot VM work dir left behind"
+    );
 
-    let specs: Vec<_> = (0..5).map(|i| env.spec(&format!("r{i}"), template.clone())).collect();
+    let specs: Vec<_> = (0..5)
+        .map(|i| env.spec(&format!("r{i}"), template.clone()))
+        .collect();
     let t0 = Instant::now();
     let rts = futures::future::join_all(specs.iter().map(|s| env.backend.create(s))).await;
     eprintln!("5 concurrent restores: {:?}", t0.elapsed());
@@ -93,7 +123,11 @@ async fn five_concurrent_restores_from_one_snapshot() {
         assert_eq!(rt.data["start_path"], "restore");
         assert_eq!(api(rt).instance_info().await.unwrap().state, "Running");
         // Every VMM re-created the vsock socket stored in the snapshot — in its own VM dir.
-        assert!(spec.instance_dir.join("vm/v.sock").exists(), "vsock socket of {} missing", spec.id);
+        assert!(
+            spec.instance_dir.join("vm/v.sock").exists(),
+            "vsock socket of {} missing",
+            spec.id
+        );
         // The guest continues from the snapshot: it never prints the boot marker again.
         tick_above(spec, 0).await;
         assert!(!console(spec).contains(MARKER));
@@ -124,18 +158,33 @@ async fn reset_by_restore_and_full_recreate() {
     let later = tick_above(&spec, first + 5).await;
 
     let t0 = Instant::now();
-    let rt2 = env.backend.reset(&rt, &spec, ResetMode::MmTemplate).await.unwrap();
+    let rt2 = env
+        .backend
+        .reset(&rt, &spec, ResetMode::MmTemplate)
+        .await
+        .unwrap();
     eprintln!("reset mm-template: {:?}", t0.elapsed());
     assert!(!alive(&rt), "old VMM survived the reset");
     assert_ne!(rt.pid, rt2.pid);
     // Back at the snapshot's counter, not where the old VM was.
     let after = tick_above(&spec, 0).await;
-    assert!(after < later, "tick {after} after reset should restart below {later}");
+    assert!(
+        after < later,
+        "tick {after} after reset should restart below {later}"
+    );
 
-    let rt3 = env.backend.reset(&rt2, &spec, ResetMode::FullRecreate).await.unwrap();
+    let rt3 = env
+        .backend
+        .reset(&rt2, &spec, ResetMode::FullRecreate)
+        .await
+        .unwrap();
     assert!(!alive(&rt2));
     assert_eq!(api(&rt3).instance_info().await.unwrap().state, "Running");
-    assert!(env.backend.reset(&rt3, &spec, ResetMode::OverlayfsRollback).await.is_err());
+    assert!(env
+        .backend
+        .reset(&rt3, &spec, ResetMode::OverlayfsRollback)
+        .await
+        .is_err());
     env.backend.destroy(&rt3).await.unwrap();
     assert_gone(&rt3, &spec);
 }
@@ -166,18 +215,27 @@ async fn checkpoint_then_fork_and_rollback() {
     let crt = env.backend.create(&child).await.unwrap();
     eprintln!("fork from checkpoint: {:?}", t0.elapsed());
     let first_child = tick_above(&child, 0).await;
-    assert!(first_child > 10 && first_child <= at_ckpt + 2, "child resumed at {first_child}, checkpoint near {at_ckpt}");
+    assert!(
+        first_child > 10 && first_child <= at_ckpt + 2,
+        "child resumed at {first_child}, checkpoint near {at_ckpt}"
+    );
 
     let rt2 = env.backend.rollback(&rt, &spec, &ckpt).await.unwrap();
     assert!(!alive(&rt));
     let back = tick_above(&spec, 0).await;
-    assert!(back < parent_later, "rollback went back: {back} < {parent_later}");
+    assert!(
+        back < parent_later,
+        "rollback went back: {back} < {parent_later}"
+    );
 
     for (r, s) in [(&rt2, &spec), (&crt, &child)] {
         env.backend.destroy(r).await.unwrap();
         assert_gone(r, s);
     }
-    assert!(ckpt.join("mem").exists(), "destroy must not touch the daemon's checkpoint dir");
+    assert!(
+        ckpt.join("mem").exists(),
+        "destroy must not touch the daemon's checkpoint dir"
+    );
 }
 
 #[tokio::test]
@@ -191,13 +249,27 @@ async fn adopt_and_wait_exit() {
     let mut stale = rt.clone();
     stale.pid_start_time = Some(rt.pid_start_time.unwrap() + 1);
     let waiter = env.backend.wait_exit(&stale);
-    assert_eq!(tokio::time::timeout(Duration::from_secs(1), waiter).await.unwrap(), ExitCause::Exited);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .unwrap(),
+        ExitCause::Exited
+    );
 
     // The VM dies behind the daemon's back: wait_exit notices, adopt cleans up.
     let backend = &env.backend;
     let wait = backend.wait_exit(&rt);
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(rt.pid.unwrap()), nix::sys::signal::Signal::SIGKILL).unwrap();
-    assert_eq!(tokio::time::timeout(Duration::from_secs(5), wait).await.unwrap(), ExitCause::Exited);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(rt.pid.unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .unwrap(),
+        ExitCause::Exited
+    );
     assert!(!env.backend.adopt(&rt).await.unwrap());
     assert_gone(&rt, &spec);
 }
@@ -207,7 +279,13 @@ async fn failed_starts_leave_nothing_behind() {
     require_firecracker!();
     let env = Env::new(false);
     // No kernel.
-    let spec = env.spec("nokernel", anvil_backends::TemplateFiles { id: "x".into(), ..Default::default() });
+    let spec = env.spec(
+        "nokernel",
+        anvil_backends::TemplateFiles {
+            id: "x".into(),
+            ..Default::default()
+        },
+    );
     let err = env.backend.create(&spec).await.unwrap_err();
     assert!(err.to_string().contains("no kernel"), "{err}");
     assert!(!spec.instance_dir.exists());
@@ -215,21 +293,37 @@ async fn failed_starts_leave_nothing_behind() {
     // A kernel Firecracker rejects: the fault message comes through.
     let bogus = env.dir.path().join("bogus-kernel");
     std::fs::write(&bogus, b"not an elf").unwrap();
-    let t = anvil_backends::TemplateFiles { id: "bogus".into(), kernel: Some(bogus), ..Default::default() };
+    let t = anvil_backends::TemplateFiles {
+        id: "bogus".into(),
+        kernel: Some(bogus),
+        ..Default::default()
+    };
     let spec = env.spec("bogus", t);
     let err = env.backend.create(&spec).await.unwrap_err();
     eprintln!("bogus kernel: {err}");
-    assert!(err.to_string().contains("boot-source") || err.to_string().contains("InstanceStart") || err.to_string().contains("actions"), "{err}");
+    assert!(
+        err.to_string().contains("boot-source")
+            || err.to_string().contains("InstanceStart")
+            || err.to_string().contains("actions"),
+        "{err}"
+    );
     assert!(!spec.instance_dir.exists());
     for ctrl in ["memory", "pids"] {
-        assert!(!std::path::Path::new(&format!("/sys/fs/cgroup/{ctrl}/{CGROUP_ROOT}/{}", spec.cgroup_name)).exists());
+        assert!(!std::path::Path::new(&format!(
+            "/sys/fs/cgroup/{ctrl}/{CGROUP_ROOT}/{}",
+            spec.cgroup_name
+        ))
+        .exists());
     }
 }
 
 #[tokio::test]
 async fn guest_that_never_gets_ready_times_out_and_is_cleaned_up() {
     require_firecracker!();
-    let dir = tempfile::Builder::new().prefix("fc").tempdir_in("/tmp").unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("fc")
+        .tempdir_in("/tmp")
+        .unwrap();
     let env = Env::new(false);
     let mut cfg = env.backend.config().clone();
     cfg.ready_probe = anvil_backends::firecracker::ReadyProbe::SerialMarker("NEVER-PRINTED".into());
@@ -240,6 +334,13 @@ async fn guest_that_never_gets_ready_times_out_and_is_cleaned_up() {
     let err = backend.create(&spec).await.unwrap_err();
     assert!(err.to_string().contains("timed out"), "{err}");
     assert!(!spec.instance_dir.exists());
-    let leftovers = std::process::Command::new("pgrep").args(["-f", &format!("--id never")]).output().unwrap();
-    assert!(leftovers.stdout.is_empty(), "firecracker left running: {}", String::from_utf8_lossy(&leftovers.stdout));
+    let leftovers = std::process::Command::new("pgrep")
+        .args(["-f", "fc.sock --id never"])
+        .output()
+        .unwrap();
+    assert!(
+        leftovers.stdout.is_empty(),
+        "firecracker left running: {}",
+        String::from_utf8_lossy(&leftovers.stdout)
+    );
 }

@@ -20,12 +20,25 @@ pub enum ApiError {
         source: std::io::Error,
     },
     #[error("Firecracker API {method} {uri}: {detail}")]
-    Transport { method: Method, uri: String, detail: String },
+    Transport {
+        method: Method,
+        uri: String,
+        detail: String,
+    },
     /// Firecracker refused the request; `fault` is its `fault_message`.
     #[error("Firecracker API {method} {uri} answered {status}: {fault}")]
-    Fault { method: Method, uri: String, status: StatusCode, fault: String },
+    Fault {
+        method: Method,
+        uri: String,
+        status: StatusCode,
+        fault: String,
+    },
     #[error("Firecracker API {method} {uri} timed out after {after:?}")]
-    Timeout { method: Method, uri: String, after: Duration },
+    Timeout {
+        method: Method,
+        uri: String,
+        after: Duration,
+    },
 }
 
 /// `GET /` answer.
@@ -53,7 +66,10 @@ pub struct FcApi {
 
 impl FcApi {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
-        FcApi { socket: socket.into(), timeout: Duration::from_secs(10) }
+        FcApi {
+            socket: socket.into(),
+            timeout: Duration::from_secs(10),
+        }
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
@@ -66,19 +82,41 @@ impl FcApi {
     }
 
     /// One request; returns the response body (empty for 204).
-    pub async fn request(&self, method: Method, uri: &str, body: Option<&Value>) -> Result<Bytes, ApiError> {
+    pub async fn request(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<&Value>,
+    ) -> Result<Bytes, ApiError> {
         let fut = self.request_inner(method.clone(), uri, body);
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(r) => r,
-            Err(_) => Err(ApiError::Timeout { method, uri: uri.to_string(), after: self.timeout }),
+            Err(_) => Err(ApiError::Timeout {
+                method,
+                uri: uri.to_string(),
+                after: self.timeout,
+            }),
         }
     }
 
-    async fn request_inner(&self, method: Method, uri: &str, body: Option<&Value>) -> Result<Bytes, ApiError> {
-        let transport = |detail: String| ApiError::Transport { method: method.clone(), uri: uri.to_string(), detail };
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| ApiError::Connect { path: self.socket.clone(), source })?;
+    async fn request_inner(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<&Value>,
+    ) -> Result<Bytes, ApiError> {
+        let transport = |detail: String| ApiError::Transport {
+            method: method.clone(),
+            uri: uri.to_string(),
+            detail,
+        };
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| ApiError::Connect {
+                    path: self.socket.clone(),
+                    source,
+                })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| transport(format!("handshake: {e}")))?;
@@ -87,7 +125,9 @@ impl FcApi {
             let _ = conn.await;
         });
         let payload = match body {
-            Some(v) => Bytes::from(serde_json::to_vec(v).map_err(|e| transport(format!("encode body: {e}")))?),
+            Some(v) => Bytes::from(
+                serde_json::to_vec(v).map_err(|e| transport(format!("encode body: {e}")))?,
+            ),
             None => Bytes::new(),
         };
         let mut req = Request::builder()
@@ -98,9 +138,14 @@ impl FcApi {
         if body.is_some() {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
         }
-        let req = req.body(Full::new(payload)).map_err(|e| transport(format!("build request: {e}")))?;
+        let req = req
+            .body(Full::new(payload))
+            .map_err(|e| transport(format!("build request: {e}")))?;
         let result = async {
-            let resp = sender.send_request(req).await.map_err(|e| transport(format!("send: {e}")))?;
+            let resp = sender
+                .send_request(req)
+                .await
+                .map_err(|e| transport(format!("send: {e}")))?;
             let status = resp.status();
             let bytes = resp
                 .into_body()
@@ -111,7 +156,12 @@ impl FcApi {
             if status.is_success() {
                 Ok(bytes)
             } else {
-                Err(ApiError::Fault { method: method.clone(), uri: uri.to_string(), status, fault: fault_message(&bytes) })
+                Err(ApiError::Fault {
+                    method: method.clone(),
+                    uri: uri.to_string(),
+                    status,
+                    fault: fault_message(&bytes),
+                })
             }
         }
         .await;
@@ -121,7 +171,9 @@ impl FcApi {
     }
 
     async fn put(&self, uri: &str, body: Value) -> Result<(), ApiError> {
-        self.request(Method::PUT, uri, Some(&body)).await.map(|_| ())
+        self.request(Method::PUT, uri, Some(&body))
+            .await
+            .map(|_| ())
     }
 
     pub async fn instance_info(&self) -> Result<InstanceInfo, ApiError> {
@@ -134,10 +186,19 @@ impl FcApi {
     }
 
     pub async fn put_machine_config(&self, vcpus: u32, mem_mib: u64) -> Result<(), ApiError> {
-        self.put("/machine-config", json!({ "vcpu_count": vcpus, "mem_size_mib": mem_mib })).await
+        self.put(
+            "/machine-config",
+            json!({ "vcpu_count": vcpus, "mem_size_mib": mem_mib }),
+        )
+        .await
     }
 
-    pub async fn put_boot_source(&self, kernel: &Path, initrd: Option<&Path>, boot_args: &str) -> Result<(), ApiError> {
+    pub async fn put_boot_source(
+        &self,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        boot_args: &str,
+    ) -> Result<(), ApiError> {
         let mut body = json!({ "kernel_image_path": kernel, "boot_args": boot_args });
         if let Some(initrd) = initrd {
             body["initrd_path"] = json!(initrd);
@@ -145,17 +206,28 @@ impl FcApi {
         self.put("/boot-source", body).await
     }
 
-    pub async fn put_drive(&self, id: &str, path: &Path, root: bool, read_only: bool) -> Result<(), ApiError> {
+    pub async fn put_drive(
+        &self,
+        id: &str,
+        path: &Path,
+        root: bool,
+        read_only: bool,
+    ) -> Result<(), ApiError> {
         let body = json!({ "drive_id": id, "path_on_host": path, "is_root_device": root, "is_read_only": read_only });
         self.put(&format!("/drives/{id}"), body).await
     }
 
     pub async fn put_vsock(&self, guest_cid: u32, uds: &Path) -> Result<(), ApiError> {
-        self.put("/vsock", json!({ "guest_cid": guest_cid, "uds_path": uds })).await
+        self.put("/vsock", json!({ "guest_cid": guest_cid, "uds_path": uds }))
+            .await
     }
 
     pub async fn put_logger(&self, path: &Path, level: &str) -> Result<(), ApiError> {
-        self.put("/logger", json!({ "log_path": path, "level": level, "show_level": true })).await
+        self.put(
+            "/logger",
+            json!({ "log_path": path, "level": level, "show_level": true }),
+        )
+        .await
     }
 
     pub async fn put_metrics(&self, path: &Path) -> Result<(), ApiError> {
@@ -163,21 +235,30 @@ impl FcApi {
     }
 
     pub async fn instance_start(&self) -> Result<(), ApiError> {
-        self.put("/actions", json!({ "action_type": "InstanceStart" })).await
+        self.put("/actions", json!({ "action_type": "InstanceStart" }))
+            .await
     }
 
     pub async fn set_vm_state(&self, state: VmState) -> Result<(), ApiError> {
-        self.request(Method::PATCH, "/vm", Some(&json!({ "state": state }))).await.map(|_| ())
+        self.request(Method::PATCH, "/vm", Some(&json!({ "state": state })))
+            .await
+            .map(|_| ())
     }
 
     /// Full snapshot of a paused VM.
     pub async fn snapshot_create(&self, vmstate: &Path, mem: &Path) -> Result<(), ApiError> {
-        let body = json!({ "snapshot_type": "Full", "snapshot_path": vmstate, "mem_file_path": mem });
+        let body =
+            json!({ "snapshot_type": "Full", "snapshot_path": vmstate, "mem_file_path": mem });
         self.put("/snapshot/create", body).await
     }
 
     /// Loads a snapshot into a fresh Firecracker; memory is mapped MAP_PRIVATE from `mem`.
-    pub async fn snapshot_load(&self, vmstate: &Path, mem: &Path, resume: bool) -> Result<(), ApiError> {
+    pub async fn snapshot_load(
+        &self,
+        vmstate: &Path,
+        mem: &Path,
+        resume: bool,
+    ) -> Result<(), ApiError> {
         let body = json!({
             "snapshot_path": vmstate,
             "mem_backend": { "backend_type": "File", "backend_path": mem },
@@ -205,12 +286,18 @@ mod tests {
 
     #[test]
     fn fault_message_is_extracted() {
-        assert_eq!(fault_message(br#"{"fault_message":"bad kernel"}"#), "bad kernel");
+        assert_eq!(
+            fault_message(br#"{"fault_message":"bad kernel"}"#),
+            "bad kernel"
+        );
         assert_eq!(fault_message(b"plain text\n"), "plain text");
     }
 
     #[test]
     fn vm_state_serializes_as_firecracker_expects() {
-        assert_eq!(json!({ "state": VmState::Paused }).to_string(), r#"{"state":"Paused"}"#);
+        assert_eq!(
+            json!({ "state": VmState::Paused }).to_string(),
+            r#"{"state":"Paused"}"#
+        );
     }
 }

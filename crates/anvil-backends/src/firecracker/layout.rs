@@ -44,7 +44,16 @@ impl VmDir {
 
 /// Firecracker and the jailer accept ids of `[A-Za-z0-9-]`, at most 64 characters.
 pub fn vmm_id(id: &str) -> String {
-    let mut s: String = id.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
+    let mut s: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     s.truncate(64);
     if s.is_empty() {
         s.push_str("vm");
@@ -55,7 +64,10 @@ pub fn vmm_id(id: &str) -> String {
 /// `<chroot_base>/<exec file name>/<jail id>`: the jailer's directory for one VM (its
 /// chroot is `root/` inside).
 pub fn jail_dir(chroot_base: &Path, firecracker: &Path, jail_id: &str) -> PathBuf {
-    let exec_name = firecracker.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "firecracker".into());
+    let exec_name = firecracker
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "firecracker".into());
     chroot_base.join(exec_name).join(jail_id)
 }
 
@@ -73,7 +85,11 @@ mod tests {
     #[test]
     fn jail_dir_follows_jailer_convention() {
         assert_eq!(
-            jail_dir(Path::new("/srv/jailer"), Path::new("/usr/bin/firecracker"), "a-1"),
+            jail_dir(
+                Path::new("/srv/jailer"),
+                Path::new("/usr/bin/firecracker"),
+                "a-1"
+            ),
             PathBuf::from("/srv/jailer/firecracker/a-1")
         );
     }

@@ -138,7 +138,10 @@ pub struct FcRuntime {
 
 impl FcRuntime {
     fn vm(&self) -> VmDir {
-        VmDir { host: self.vm_dir.clone(), vmm: self.vmm_dir.clone() }
+        VmDir {
+            host: self.vm_dir.clone(),
+            vmm: self.vmm_dir.clone(),
+        }
     }
     fn api(&self) -> FcApi {
         FcApi::new(&self.api_socket)
@@ -162,14 +165,23 @@ impl FirecrackerBackend {
     /// and KVM are checked by [`Backend::probe`].
     pub fn new(cfg: FirecrackerConfig) -> Result<Self, BackendError> {
         let cgroups = match &cfg.cgroup {
-            Some(c) => Some(CgroupManager::new(c).map_err(|e| BackendError::Other(format!("cgroups: {e}")))?),
+            Some(c) => Some(
+                CgroupManager::new(c).map_err(|e| BackendError::Other(format!("cgroups: {e}")))?,
+            ),
             None => None,
         };
         if cfg.use_jailer && cfg.jailer.is_none() {
-            return Err(BackendError::Other("firecracker: use_jailer is set but no jailer binary is configured".into()));
+            return Err(BackendError::Other(
+                "firecracker: use_jailer is set but no jailer binary is configured".into(),
+            ));
         }
-        let dir = if cfg.use_jailer { &cfg.chroot_base } else { &cfg.vm_root };
-        std::fs::create_dir_all(dir).map_err(|e| BackendError::io(format!("create {}", dir.display()), e))?;
+        let dir = if cfg.use_jailer {
+            &cfg.chroot_base
+        } else {
+            &cfg.vm_root
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| BackendError::io(format!("create {}", dir.display()), e))?;
         Ok(FirecrackerBackend { cfg, cgroups })
     }
 
@@ -188,11 +200,14 @@ impl FirecrackerBackend {
         work_dir: &Path,
         out_dir: &Path,
     ) -> Result<SnapshotMeta, BackendError> {
-        std::fs::create_dir_all(out_dir).map_err(|e| BackendError::io(format!("create {}", out_dir.display()), e))?;
+        std::fs::create_dir_all(out_dir)
+            .map_err(|e| BackendError::io(format!("create {}", out_dir.display()), e))?;
         let mut boot_template = template.clone();
         boot_template.snapshot_dir = None;
         // Unique per call: two prepares of one template must not share a jail or cgroup.
-        let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         let name = layout::vmm_id(&format!("tmpl-{}-{nonce:x}", layout::vmm_id(&template.id)));
         let spec = InstanceSpec {
             id: name.clone(),
@@ -214,8 +229,9 @@ impl FirecrackerBackend {
     }
 
     fn runtime_of(rt: &Runtime) -> Result<FcRuntime, BackendError> {
-        serde_json::from_value(rt.data.clone())
-            .map_err(|e| BackendError::Other(format!("firecracker runtime record is unreadable: {e}")))
+        serde_json::from_value(rt.data.clone()).map_err(|e| {
+            BackendError::Other(format!("firecracker runtime record is unreadable: {e}"))
+        })
     }
 
     fn to_runtime(pid: i32, start: u64, fc: &FcRuntime) -> Result<Runtime, BackendError> {
@@ -223,7 +239,8 @@ impl FirecrackerBackend {
             backend: BackendKind::Firecracker,
             pid: Some(pid),
             pid_start_time: Some(start),
-            data: serde_json::to_value(fc).map_err(|e| BackendError::Other(format!("encode runtime: {e}")))?,
+            data: serde_json::to_value(fc)
+                .map_err(|e| BackendError::Other(format!("encode runtime: {e}")))?,
         })
     }
 
@@ -240,22 +257,42 @@ impl FirecrackerBackend {
 
     /// Starts a VMM for `spec` from `source` and waits until it is ready. On any error
     /// everything it set up is gone again.
-    async fn launch(&self, spec: &InstanceSpec, source: Source<'_>) -> Result<Runtime, BackendError> {
+    async fn launch(
+        &self,
+        spec: &InstanceSpec,
+        source: Source<'_>,
+    ) -> Result<Runtime, BackendError> {
         let t0 = Instant::now();
         let vm = Self::vm_spec(spec);
         let meta = match source {
             Source::Snapshot(dir) => Some(self.check_snapshot(dir)?),
             Source::Boot(_) => None,
         };
-        let vsock = meta.as_ref().map_or(vm.enable_vsock || self.cfg.ready_probe == ReadyProbe::Agent, |m| m.vsock);
+        let vsock = meta.as_ref().map_or(
+            vm.enable_vsock || self.cfg.ready_probe == ReadyProbe::Agent,
+            |m| m.vsock,
+        );
         let vmm_id = layout::vmm_id(&spec.id);
         let (vm_dir, jail_dir) = if self.cfg.use_jailer {
             let jail = layout::jail_dir(&self.cfg.chroot_base, &self.cfg.firecracker, &vmm_id);
-            (VmDir { host: jail.join("root"), vmm: PathBuf::from("/") }, Some(jail))
+            (
+                VmDir {
+                    host: jail.join("root"),
+                    vmm: PathBuf::from("/"),
+                },
+                Some(jail),
+            )
         } else {
-            (VmDir { host: spec.instance_dir.join("vm"), vmm: self.cfg.vm_root.clone() }, None)
+            (
+                VmDir {
+                    host: spec.instance_dir.join("vm"),
+                    vmm: self.cfg.vm_root.clone(),
+                },
+                None,
+            )
         };
-        let want_console = vm.serial_log || matches!(self.cfg.ready_probe, ReadyProbe::SerialMarker(_));
+        let want_console =
+            vm.serial_log || matches!(self.cfg.ready_probe, ReadyProbe::SerialMarker(_));
         let mut fc = FcRuntime {
             instance_dir: spec.instance_dir.clone(),
             vm_dir: vm_dir.host.clone(),
@@ -265,11 +302,17 @@ impl FirecrackerBackend {
             vsock_uds: vsock.then(|| vm_dir.host(layout::VSOCK_UDS)),
             console_log: want_console.then(|| spec.instance_dir.join("console.log")),
             cgroup: None,
-            start_path: if meta.is_some() { StartPath::Restore } else { StartPath::Boot },
+            start_path: if meta.is_some() {
+                StartPath::Restore
+            } else {
+                StartPath::Boot
+            },
         };
         // From here on, `fail` undoes whatever exists (missing pieces are skipped).
         let mut pid = None;
-        let res = self.launch_inner(spec, &vm, source, &vm_dir, &vmm_id, &mut fc, &mut pid).await;
+        let res = self
+            .launch_inner(spec, &vm, source, &vm_dir, &vmm_id, &mut fc, &mut pid)
+            .await;
         match res {
             Ok((p, start)) => {
                 tracing::info!(id = %spec.id, pid = p, path = ?fc.start_path, ms = t0.elapsed().as_millis() as u64, "firecracker VM ready");
@@ -302,16 +345,19 @@ impl FirecrackerBackend {
         pid_out: &mut Option<i32>,
     ) -> Result<(i32, u64), BackendError> {
         let io = |what: String| move |e| BackendError::io(what, e);
-        std::fs::create_dir_all(&spec.instance_dir).map_err(io(format!("create {}", spec.instance_dir.display())))?;
+        std::fs::create_dir_all(&spec.instance_dir)
+            .map_err(io(format!("create {}", spec.instance_dir.display())))?;
         if let Some(jail) = &fc.jail_dir {
             // A stale jail of the same id (crash during a previous start) would make the jailer fail.
             remove_tree(jail)?;
         } else {
             remove_tree(&vm_dir.host)?;
         }
-        std::fs::create_dir_all(&vm_dir.host).map_err(io(format!("create {}", vm_dir.host.display())))?;
+        std::fs::create_dir_all(&vm_dir.host)
+            .map_err(io(format!("create {}", vm_dir.host.display())))?;
         for f in [layout::FC_LOG, layout::METRICS] {
-            spawn::touch(&vm_dir.host(f)).map_err(io(format!("create {}", vm_dir.host(f).display())))?;
+            spawn::touch(&vm_dir.host(f))
+                .map_err(io(format!("create {}", vm_dir.host(f).display())))?;
         }
 
         // Files the VMM opens by path: linked into the chroot under the jailer.
@@ -319,11 +365,14 @@ impl FirecrackerBackend {
         let mut boot_files = None;
         match &source {
             Source::Boot(t) => {
-                let kernel = t
-                    .kernel
-                    .as_deref()
-                    .ok_or_else(|| BackendError::Spawn(format!("template {} has no kernel", t.id)))?;
-                let files = [(Some(kernel), layout::JAIL_KERNEL), (t.initramfs.as_deref(), layout::JAIL_INITRD), (t.rootfs_image.as_deref(), layout::JAIL_ROOTFS)];
+                let kernel = t.kernel.as_deref().ok_or_else(|| {
+                    BackendError::Spawn(format!("template {} has no kernel", t.id))
+                })?;
+                let files = [
+                    (Some(kernel), layout::JAIL_KERNEL),
+                    (t.initramfs.as_deref(), layout::JAIL_INITRD),
+                    (t.rootfs_image.as_deref(), layout::JAIL_ROOTFS),
+                ];
                 let mut resolved = Vec::new();
                 for (src, jail_name) in files {
                     resolved.push(match src {
@@ -343,38 +392,51 @@ impl FirecrackerBackend {
                 let (vmstate, mem) = (dir.join(layout::SNAP_VMSTATE), dir.join(layout::SNAP_MEM));
                 snapshot_files = Some(if self.cfg.use_jailer {
                     let snap = vm_dir.host(layout::JAIL_SNAP_DIR);
-                    std::fs::create_dir_all(&snap).map_err(io(format!("create {}", snap.display())))?;
-                    for (src, name) in [(&vmstate, layout::SNAP_VMSTATE), (&mem, layout::SNAP_MEM)] {
+                    std::fs::create_dir_all(&snap)
+                        .map_err(io(format!("create {}", snap.display())))?;
+                    for (src, name) in [(&vmstate, layout::SNAP_VMSTATE), (&mem, layout::SNAP_MEM)]
+                    {
                         spawn::link_or_copy(src, &snap.join(name))
                             .map_err(io(format!("link {} into the jail", src.display())))?;
                     }
                     let in_jail = vm_dir.vmm(layout::JAIL_SNAP_DIR);
-                    (in_jail.join(layout::SNAP_VMSTATE), in_jail.join(layout::SNAP_MEM))
+                    (
+                        in_jail.join(layout::SNAP_VMSTATE),
+                        in_jail.join(layout::SNAP_MEM),
+                    )
                 } else {
                     (vmstate, mem)
                 });
             }
         }
         if self.cfg.use_jailer {
-            for p in [vm_dir.host.clone(), vm_dir.host(layout::FC_LOG), vm_dir.host(layout::METRICS)] {
-                spawn::chown(&p, self.cfg.uid, self.cfg.gid).map_err(io(format!("chown {}", p.display())))?;
+            for p in [
+                vm_dir.host.clone(),
+                vm_dir.host(layout::FC_LOG),
+                vm_dir.host(layout::METRICS),
+            ] {
+                spawn::chown(&p, self.cfg.uid, self.cfg.gid)
+                    .map_err(io(format!("chown {}", p.display())))?;
             }
         }
 
         let cgroup = match &self.cgroups {
             Some(m) => {
-                let cg = m
-                    .create(&spec.cgroup_name, &spec.quota)
-                    .map_err(|e| BackendError::Spawn(format!("cgroup {}: {e}", spec.cgroup_name)))?;
+                let cg = m.create(&spec.cgroup_name, &spec.quota).map_err(|e| {
+                    BackendError::Spawn(format!("cgroup {}: {e}", spec.cgroup_name))
+                })?;
                 fc.cgroup = Some(cg.clone());
                 Some(cg)
             }
             None => None,
         };
-        let procs = match &cgroup {
-            Some(cg) => Some(cg.procs_fds().map_err(|e| BackendError::Spawn(format!("cgroup {}: {e}", spec.cgroup_name)))?),
-            None => None,
-        };
+        let procs =
+            match &cgroup {
+                Some(cg) => Some(cg.procs_fds().map_err(|e| {
+                    BackendError::Spawn(format!("cgroup {}: {e}", spec.cgroup_name))
+                })?),
+                None => None,
+            };
         let console = match &fc.console_log {
             Some(p) => Some(
                 std::fs::OpenOptions::new()
@@ -387,17 +449,24 @@ impl FirecrackerBackend {
         };
         // The ready listener must exist before the guest can connect.
         let ready = match (&self.cfg.ready_probe, &source, &fc.vsock_uds) {
-            (ReadyProbe::Agent, Source::Boot(_), Some(uds)) => {
-                Some(ReadyListener::bind(&PathBuf::from(format!("{}_{READY_VSOCK_PORT}", uds.display())))?)
-            }
+            (ReadyProbe::Agent, Source::Boot(_), Some(uds)) => Some(ReadyListener::bind(
+                &PathBuf::from(format!("{}_{READY_VSOCK_PORT}", uds.display())),
+            )?),
             (ReadyProbe::Agent, Source::Boot(_), None) => {
-                return Err(BackendError::Spawn("agent readiness needs the vsock device".into()));
+                return Err(BackendError::Spawn(
+                    "agent readiness needs the vsock device".into(),
+                ));
             }
             _ => None,
         };
 
         let jailer = match (self.cfg.use_jailer, &self.cfg.jailer) {
-            (true, Some(j)) => Some((j.as_path(), self.cfg.chroot_base.as_path(), self.cfg.uid, self.cfg.gid)),
+            (true, Some(j)) => Some((
+                j.as_path(),
+                self.cfg.chroot_base.as_path(),
+                self.cfg.uid,
+                self.cfg.gid,
+            )),
             _ => None,
         };
         let pid = spawn::spawn(spawn::Launch {
@@ -409,41 +478,66 @@ impl FirecrackerBackend {
             console,
             cgroup: procs.as_ref(),
         })
-        .map_err(|e| BackendError::Spawn(format!("start {}: {e}", self.cfg.firecracker.display())))?;
+        .map_err(|e| {
+            BackendError::Spawn(format!("start {}: {e}", self.cfg.firecracker.display()))
+        })?;
         drop(procs);
         *pid_out = Some(pid);
-        let start = crate::procfs::pid_start_time(pid)
-            .ok_or_else(|| BackendError::Spawn(format!("firecracker (pid {pid}) exited immediately{}", self.console_tail(fc))))?;
+        let start = crate::procfs::pid_start_time(pid).ok_or_else(|| {
+            BackendError::Spawn(format!(
+                "firecracker (pid {pid}) exited immediately{}",
+                self.console_tail(fc)
+            ))
+        })?;
         let pidfd = PidFd::open(pid).map_err(io(format!("pidfd of firecracker pid {pid}")))?;
 
         // The API socket appears in the VM directory: wait for it by inotify, then for the
         // listen(2) that follows bind(2) with a short bounded connect retry.
         let api = fc.api();
         let sock = fc.api_socket.clone();
-        watch::wait_in_dir(&vm_dir.host, self.cfg.ready_timeout, Some(&pidfd), || Ok(sock.exists().then_some(())))
-            .await
-            .map_err(|e| self.wait_error(fc, "API socket", e))?;
+        watch::wait_in_dir(&vm_dir.host, self.cfg.ready_timeout, Some(&pidfd), || {
+            Ok(sock.exists().then_some(()))
+        })
+        .await
+        .map_err(|e| self.wait_error(fc, "API socket", e))?;
         watch::connect_retry(&sock, Duration::from_secs(1))
             .await
             .map_err(|e| self.wait_error(fc, "API socket to accept", WaitError::Io(e)))?;
 
         let api_err = |e: ApiError| BackendError::Spawn(e.to_string());
-        api.put_logger(&vm_dir.vmm(layout::FC_LOG), &self.cfg.log_level).await.map_err(api_err)?;
-        api.put_metrics(&vm_dir.vmm(layout::METRICS)).await.map_err(api_err)?;
+        api.put_logger(&vm_dir.vmm(layout::FC_LOG), &self.cfg.log_level)
+            .await
+            .map_err(api_err)?;
+        api.put_metrics(&vm_dir.vmm(layout::METRICS))
+            .await
+            .map_err(api_err)?;
         match source {
             Source::Boot(t) => {
                 let files = boot_files.unwrap_or_default();
                 let get = |i: usize| files.get(i).cloned().flatten();
-                let kernel = get(0).ok_or_else(|| BackendError::Spawn(format!("template {} has no kernel", t.id)))?;
+                let kernel = get(0).ok_or_else(|| {
+                    BackendError::Spawn(format!("template {} has no kernel", t.id))
+                })?;
                 let mem_mib = vm.memory_bytes.div_ceil(1 << 20);
-                api.put_machine_config(vm.vcpus, mem_mib).await.map_err(api_err)?;
-                let args = vm.boot_args.clone().unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string());
-                api.put_boot_source(&kernel, get(1).as_deref(), &args).await.map_err(api_err)?;
+                api.put_machine_config(vm.vcpus, mem_mib)
+                    .await
+                    .map_err(api_err)?;
+                let args = vm
+                    .boot_args
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_BOOT_ARGS.to_string());
+                api.put_boot_source(&kernel, get(1).as_deref(), &args)
+                    .await
+                    .map_err(api_err)?;
                 if let Some(rootfs) = get(2) {
-                    api.put_drive("rootfs", &rootfs, true, true).await.map_err(api_err)?;
+                    api.put_drive("rootfs", &rootfs, true, true)
+                        .await
+                        .map_err(api_err)?;
                 }
                 if fc.vsock_uds.is_some() {
-                    api.put_vsock(GUEST_CID, &vm_dir.vmm(layout::VSOCK_UDS)).await.map_err(api_err)?;
+                    api.put_vsock(GUEST_CID, &vm_dir.vmm(layout::VSOCK_UDS))
+                        .await
+                        .map_err(api_err)?;
                 }
                 let console_offset = fc.console_log.as_ref().map_or(0, |p| file_len(p));
                 api.instance_start().await.map_err(api_err)?;
@@ -457,9 +551,12 @@ impl FirecrackerBackend {
                     (ReadyProbe::SerialMarker(marker), _) => {
                         let log = fc.console_log.clone().unwrap_or_default();
                         let mut scan = MarkerScan::new(&log, marker, console_offset);
-                        watch::wait_in_dir(&spec.instance_dir, self.cfg.ready_timeout, Some(&pidfd), || {
-                            Ok(scan.found()?.then_some(()))
-                        })
+                        watch::wait_in_dir(
+                            &spec.instance_dir,
+                            self.cfg.ready_timeout,
+                            Some(&pidfd),
+                            || Ok(scan.found()?.then_some(())),
+                        )
                         .await
                         .map_err(|e| self.wait_error(fc, "serial marker", e))?;
                     }
@@ -468,14 +565,25 @@ impl FirecrackerBackend {
             }
             Source::Snapshot(_) => {
                 let (vmstate, mem) = snapshot_files.unwrap_or_default();
-                api.snapshot_load(&vmstate, &mem, true).await.map_err(api_err)?;
+                api.snapshot_load(&vmstate, &mem, true)
+                    .await
+                    .map_err(api_err)?;
                 let info = api.instance_info().await.map_err(api_err)?;
                 if info.state != "Running" {
-                    return Err(BackendError::Spawn(format!("restored VM is `{}`, not running", info.state)));
+                    return Err(BackendError::Spawn(format!(
+                        "restored VM is `{}`, not running",
+                        info.state
+                    )));
                 }
                 if let (ReadyProbe::Agent, Some(uds)) = (&self.cfg.ready_probe, &fc.vsock_uds) {
-                    let ep = AgentEndpoint::Vsock { uds: uds.clone(), port: AGENT_VSOCK_PORT };
-                    AgentClient::new(ep).with_timeout(self.cfg.ready_timeout).health().await?;
+                    let ep = AgentEndpoint::Vsock {
+                        uds: uds.clone(),
+                        port: AGENT_VSOCK_PORT,
+                    };
+                    AgentClient::new(ep)
+                        .with_timeout(self.cfg.ready_timeout)
+                        .health()
+                        .await?;
                 }
             }
         }
@@ -489,7 +597,10 @@ impl FirecrackerBackend {
     /// Last lines of Firecracker's own log and console, for error messages.
     fn console_tail(&self, fc: &FcRuntime) -> String {
         let mut out = String::new();
-        for p in [Some(fc.vm_dir.join(layout::FC_LOG)), fc.console_log.clone()].into_iter().flatten() {
+        for p in [Some(fc.vm_dir.join(layout::FC_LOG)), fc.console_log.clone()]
+            .into_iter()
+            .flatten()
+        {
             if let Ok(text) = std::fs::read_to_string(&p) {
                 let lines: Vec<&str> = text.lines().rev().take(5).collect();
                 if !lines.is_empty() {
@@ -503,15 +614,20 @@ impl FirecrackerBackend {
 
     fn check_snapshot(&self, dir: &Path) -> Result<SnapshotMeta, BackendError> {
         let p = dir.join(layout::SNAP_META);
-        let text = std::fs::read_to_string(&p).map_err(|e| BackendError::io(format!("read {}", p.display()), e))?;
-        let meta: SnapshotMeta =
-            serde_json::from_str(&text).map_err(|e| BackendError::Other(format!("{}: {e}", p.display())))?;
+        let text = std::fs::read_to_string(&p)
+            .map_err(|e| BackendError::io(format!("read {}", p.display()), e))?;
+        let meta: SnapshotMeta = serde_json::from_str(&text)
+            .map_err(|e| BackendError::Other(format!("{}: {e}", p.display())))?;
         if meta.jailed != self.cfg.use_jailer {
             return Err(BackendError::Other(format!(
                 "snapshot {} was taken {} the jailer; this backend runs {} it",
                 dir.display(),
                 if meta.jailed { "under" } else { "without" },
-                if self.cfg.use_jailer { "under" } else { "without" },
+                if self.cfg.use_jailer {
+                    "under"
+                } else {
+                    "without"
+                },
             )));
         }
         if !meta.jailed && meta.vm_root.as_deref() != Some(self.cfg.vm_root.as_path()) {
@@ -526,7 +642,13 @@ impl FirecrackerBackend {
     }
 
     /// Pauses (if needed), writes a full snapshot into `dir`, resumes if `resume`.
-    async fn snapshot_into(&self, rt: &Runtime, spec: &InstanceSpec, dir: &Path, resume: bool) -> Result<SnapshotMeta, BackendError> {
+    async fn snapshot_into(
+        &self,
+        rt: &Runtime,
+        spec: &InstanceSpec,
+        dir: &Path,
+        resume: bool,
+    ) -> Result<SnapshotMeta, BackendError> {
         let fc = Self::runtime_of(rt)?;
         let api = fc.api();
         let api_err = |e: ApiError| BackendError::Other(e.to_string());
@@ -540,7 +662,8 @@ impl FirecrackerBackend {
             let (vmstate, mem) = if self.cfg.use_jailer {
                 // The jailed VMM can only write inside its chroot; move the files out after.
                 let snap = vm.host(layout::JAIL_SNAP_DIR);
-                std::fs::create_dir_all(&snap).map_err(|e| BackendError::io(format!("create {}", snap.display()), e))?;
+                std::fs::create_dir_all(&snap)
+                    .map_err(|e| BackendError::io(format!("create {}", snap.display()), e))?;
                 spawn::chown(&snap, self.cfg.uid, self.cfg.gid)
                     .map_err(|e| BackendError::io(format!("chown {}", snap.display()), e))?;
                 let in_jail = vm.vmm(layout::JAIL_SNAP_DIR);
@@ -555,9 +678,13 @@ impl FirecrackerBackend {
             api.snapshot_create(&vmstate, &mem).await.map_err(api_err)?;
             if self.cfg.use_jailer {
                 let snap = vm.host(layout::JAIL_SNAP_DIR);
-                for (from, to) in [("out-vmstate", layout::SNAP_VMSTATE), ("out-mem", layout::SNAP_MEM)] {
-                    spawn::move_file(&snap.join(from), &dir.join(to))
-                        .map_err(|e| BackendError::io(format!("move snapshot file {from} out of the jail"), e))?;
+                for (from, to) in [
+                    ("out-vmstate", layout::SNAP_VMSTATE),
+                    ("out-mem", layout::SNAP_MEM),
+                ] {
+                    spawn::move_file(&snap.join(from), &dir.join(to)).map_err(|e| {
+                        BackendError::io(format!("move snapshot file {from} out of the jail"), e)
+                    })?;
                 }
             }
             let vmspec = Self::vm_spec(spec);
@@ -570,8 +697,10 @@ impl FirecrackerBackend {
                 memory_bytes: vmspec.memory_bytes,
             };
             let p = dir.join(layout::SNAP_META);
-            let json = serde_json::to_vec_pretty(&meta).map_err(|e| BackendError::Other(format!("encode snapshot meta: {e}")))?;
-            std::fs::write(&p, json).map_err(|e| BackendError::io(format!("write {}", p.display()), e))?;
+            let json = serde_json::to_vec_pretty(&meta)
+                .map_err(|e| BackendError::Other(format!("encode snapshot meta: {e}")))?;
+            std::fs::write(&p, json)
+                .map_err(|e| BackendError::io(format!("write {}", p.display()), e))?;
             Ok(meta)
         }
         .await;
@@ -588,7 +717,12 @@ impl FirecrackerBackend {
         self.teardown_fc(rt, &fc, remove_instance_dir).await
     }
 
-    async fn teardown_fc(&self, rt: &Runtime, fc: &FcRuntime, remove_instance_dir: bool) -> Result<(), BackendError> {
+    async fn teardown_fc(
+        &self,
+        rt: &Runtime,
+        fc: &FcRuntime,
+        remove_instance_dir: bool,
+    ) -> Result<(), BackendError> {
         if let (Some(pid), Some(start)) = (rt.pid, rt.pid_start_time) {
             self.stop_process(pid, start).await?;
         }
@@ -624,19 +758,36 @@ impl FirecrackerBackend {
         let pidfd = match PidFd::open(pid) {
             Ok(p) => p,
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(()),
-            Err(e) => return Err(BackendError::io(format!("pidfd of firecracker pid {pid}"), e)),
+            Err(e) => {
+                return Err(BackendError::io(
+                    format!("pidfd of firecracker pid {pid}"),
+                    e,
+                ))
+            }
         };
         // Re-check after opening the pidfd: from here on signals cannot hit a reused pid.
         if !crate::procfs::same_process(pid, start) {
             watch::reap(pid);
             return Ok(());
         }
-        pidfd.signal(libc::SIGTERM).map_err(|e| BackendError::io(format!("SIGTERM firecracker pid {pid}"), e))?;
-        if tokio::time::timeout(self.cfg.stop_grace, pidfd.exited()).await.is_err() {
+        pidfd
+            .signal(libc::SIGTERM)
+            .map_err(|e| BackendError::io(format!("SIGTERM firecracker pid {pid}"), e))?;
+        if tokio::time::timeout(self.cfg.stop_grace, pidfd.exited())
+            .await
+            .is_err()
+        {
             tracing::warn!(pid, "firecracker ignored SIGTERM; sending SIGKILL");
-            pidfd.signal(libc::SIGKILL).map_err(|e| BackendError::io(format!("SIGKILL firecracker pid {pid}"), e))?;
-            if tokio::time::timeout(Duration::from_secs(10), pidfd.exited()).await.is_err() {
-                return Err(BackendError::Other(format!("firecracker pid {pid} survived SIGKILL for 10 s")));
+            pidfd
+                .signal(libc::SIGKILL)
+                .map_err(|e| BackendError::io(format!("SIGKILL firecracker pid {pid}"), e))?;
+            if tokio::time::timeout(Duration::from_secs(10), pidfd.exited())
+                .await
+                .is_err()
+            {
+                return Err(BackendError::Other(format!(
+                    "firecracker pid {pid} survived SIGKILL for 10 s"
+                )));
             }
         }
         watch::reap(pid);
@@ -645,7 +796,12 @@ impl FirecrackerBackend {
 
     /// Kills the VMM of `rt` (keeping the instance directory) and starts a new one from the
     /// snapshot in `dir`.
-    async fn restore_in_place(&self, rt: &Runtime, spec: &InstanceSpec, dir: &Path) -> Result<Runtime, BackendError> {
+    async fn restore_in_place(
+        &self,
+        rt: &Runtime,
+        spec: &InstanceSpec,
+        dir: &Path,
+    ) -> Result<Runtime, BackendError> {
         // Validate before killing anything: a bad snapshot must not cost the running VM.
         self.check_snapshot(dir)?;
         self.teardown(rt, false).await?;
@@ -678,9 +834,15 @@ impl Backend for FirecrackerBackend {
             Err(reason) => return Probe::unavailable(reason),
         };
         if !version.starts_with(SUPPORTED_MAJOR) {
-            return Probe::unavailable(format!("firecracker {version} is not a supported version (need 1.x)"));
+            return Probe::unavailable(format!(
+                "firecracker {version} is not a supported version (need 1.x)"
+            ));
         }
-        if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        if let Err(e) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+        {
             return Probe::unavailable(format!("/dev/kvm is not usable: {e}"));
         }
         if self.cfg.use_jailer {
@@ -689,7 +851,11 @@ impl Backend for FirecrackerBackend {
             };
             match binary_version(jailer).await {
                 Ok(v) if v == version => {}
-                Ok(v) => return Probe::unavailable(format!("jailer {v} does not match firecracker {version}")),
+                Ok(v) => {
+                    return Probe::unavailable(format!(
+                        "jailer {v} does not match firecracker {version}"
+                    ))
+                }
                 Err(reason) => return Probe::unavailable(reason),
             }
         }
@@ -718,20 +884,34 @@ impl Backend for FirecrackerBackend {
     async fn pause(&self, rt: &Runtime) -> Result<(), BackendError> {
         let fc = Self::runtime_of(rt)?;
         self.ensure_alive(rt)?;
-        fc.api().set_vm_state(VmState::Paused).await.map_err(|e| BackendError::Other(e.to_string()))
+        fc.api()
+            .set_vm_state(VmState::Paused)
+            .await
+            .map_err(|e| BackendError::Other(e.to_string()))
     }
 
     async fn resume(&self, rt: &Runtime) -> Result<(), BackendError> {
         let fc = Self::runtime_of(rt)?;
         self.ensure_alive(rt)?;
-        fc.api().set_vm_state(VmState::Resumed).await.map_err(|e| BackendError::Other(e.to_string()))
+        fc.api()
+            .set_vm_state(VmState::Resumed)
+            .await
+            .map_err(|e| BackendError::Other(e.to_string()))
     }
 
-    async fn reset(&self, rt: &Runtime, spec: &InstanceSpec, mode: ResetMode) -> Result<Runtime, BackendError> {
+    async fn reset(
+        &self,
+        rt: &Runtime,
+        spec: &InstanceSpec,
+        mode: ResetMode,
+    ) -> Result<Runtime, BackendError> {
         match mode {
             ResetMode::MmTemplate => {
                 let dir = spec.template.snapshot_dir.as_deref().ok_or_else(|| {
-                    BackendError::Other(format!("template {} has no boot snapshot for mm-template reset", spec.template.id))
+                    BackendError::Other(format!(
+                        "template {} has no boot snapshot for mm-template reset",
+                        spec.template.id
+                    ))
                 })?;
                 self.restore_in_place(rt, spec, dir).await
             }
@@ -741,13 +921,18 @@ impl Backend for FirecrackerBackend {
                 fresh.from_checkpoint = None;
                 self.create(&fresh).await
             }
-            ResetMode::OverlayfsRollback => {
-                Err(BackendError::Unsupported { backend: BackendKind::Firecracker, op: "reset overlayfs-rollback" })
-            }
+            ResetMode::OverlayfsRollback => Err(BackendError::Unsupported {
+                backend: BackendKind::Firecracker,
+                op: "reset overlayfs-rollback",
+            }),
         }
     }
 
-    async fn checkpoint(&self, rt: &Runtime, dir: &Path) -> Result<CheckpointOutcome, BackendError> {
+    async fn checkpoint(
+        &self,
+        rt: &Runtime,
+        dir: &Path,
+    ) -> Result<CheckpointOutcome, BackendError> {
         self.ensure_alive(rt)?;
         let fc = Self::runtime_of(rt)?;
         // The checkpoint needs the VM's sizing only for its metadata; read it back from the API.
@@ -767,16 +952,27 @@ impl Backend for FirecrackerBackend {
             .iter()
             .map(|f| file_len(&dir.join(f)))
             .sum();
-        Ok(CheckpointOutcome { kind: CheckpointKind::Memory, size_bytes })
+        Ok(CheckpointOutcome {
+            kind: CheckpointKind::Memory,
+            size_bytes,
+        })
     }
 
-    async fn rollback(&self, rt: &Runtime, spec: &InstanceSpec, dir: &Path) -> Result<Runtime, BackendError> {
+    async fn rollback(
+        &self,
+        rt: &Runtime,
+        spec: &InstanceSpec,
+        dir: &Path,
+    ) -> Result<Runtime, BackendError> {
         self.restore_in_place(rt, spec, dir).await
     }
 
     fn agent_endpoint(&self, rt: &Runtime) -> Option<AgentEndpoint> {
         let fc = Self::runtime_of(rt).ok()?;
-        fc.vsock_uds.map(|uds| AgentEndpoint::Vsock { uds, port: AGENT_VSOCK_PORT })
+        fc.vsock_uds.map(|uds| AgentEndpoint::Vsock {
+            uds,
+            port: AGENT_VSOCK_PORT,
+        })
     }
 
     async fn wait_exit(&self, rt: &Runtime) -> ExitCause {
@@ -804,7 +1000,14 @@ impl Backend for FirecrackerBackend {
     async fn adopt(&self, rt: &Runtime) -> Result<bool, BackendError> {
         let fc = Self::runtime_of(rt)?;
         let alive = matches!((rt.pid, rt.pid_start_time), (Some(p), Some(s)) if crate::procfs::same_process(p, s));
-        if alive && fc.api().with_timeout(Duration::from_secs(2)).instance_info().await.is_ok() {
+        if alive
+            && fc
+                .api()
+                .with_timeout(Duration::from_secs(2))
+                .instance_info()
+                .await
+                .is_ok()
+        {
             return Ok(true);
         }
         tracing::info!(pid = ?rt.pid, dir = %fc.instance_dir.display(), "firecracker VM is gone or unresponsive; cleaning up");
@@ -817,14 +1020,20 @@ impl FirecrackerBackend {
     fn ensure_alive(&self, rt: &Runtime) -> Result<(), BackendError> {
         match (rt.pid, rt.pid_start_time) {
             (Some(p), Some(s)) if crate::procfs::same_process(p, s) => Ok(()),
-            _ => Err(BackendError::Gone(format!("firecracker process {:?} is not running", rt.pid))),
+            _ => Err(BackendError::Gone(format!(
+                "firecracker process {:?} is not running",
+                rt.pid
+            ))),
         }
     }
 }
 
 /// `GET /machine-config` → the VM's sizing (best effort: used for checkpoint metadata).
 async fn machine_config(api: &FcApi) -> Option<VmSpec> {
-    let bytes = api.request(hyper::Method::GET, "/machine-config", None).await.ok()?;
+    let bytes = api
+        .request(hyper::Method::GET, "/machine-config", None)
+        .await
+        .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
     Some(VmSpec {
         vcpus: v.get("vcpu_count")?.as_u64()? as u32,
@@ -840,13 +1049,22 @@ async fn binary_version(bin: &Path) -> Result<String, String> {
     }
     let out = tokio::time::timeout(
         Duration::from_secs(5),
-        tokio::process::Command::new(bin).arg("--version").kill_on_drop(true).output(),
+        tokio::process::Command::new(bin)
+            .arg("--version")
+            .kill_on_drop(true)
+            .output(),
     )
     .await
     .map_err(|_| format!("{} --version timed out", bin.display()))?
     .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
-    parse_version(&text).ok_or_else(|| format!("{} --version printed no version: {:?}", bin.display(), text.trim()))
+    parse_version(&text).ok_or_else(|| {
+        format!(
+            "{} --version printed no version: {:?}",
+            bin.display(),
+            text.trim()
+        )
+    })
 }
 
 fn parse_version(text: &str) -> Option<String> {
@@ -881,7 +1099,10 @@ mod tests {
 
     #[test]
     fn versions_parse() {
-        assert_eq!(parse_version("Firecracker v1.12.1\n\nmore"), Some("1.12.1".into()));
+        assert_eq!(
+            parse_version("Firecracker v1.12.1\n\nmore"),
+            Some("1.12.1".into())
+        );
         assert_eq!(parse_version("Jailer v1.12.1"), Some("1.12.1".into()));
         assert_eq!(parse_version("nothing here"), None);
     }

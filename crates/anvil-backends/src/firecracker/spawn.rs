@@ -32,7 +32,10 @@ pub fn spawn(l: Launch<'_>) -> io::Result<i32> {
     let mut cmd = match l.jailer {
         None => {
             let mut c = Command::new(l.firecracker);
-            c.arg("--api-sock").arg(l.vm_dir.vmm(layout::API_SOCK)).arg("--id").arg(l.vmm_id);
+            c.arg("--api-sock")
+                .arg(l.vm_dir.vmm(layout::API_SOCK))
+                .arg("--id")
+                .arg(l.vmm_id);
             c
         }
         Some((jailer, chroot_base, uid, gid)) => {
@@ -95,12 +98,24 @@ fn private_vm_root(src: &CString, dst: &CString) -> io::Result<()> {
         }
         // Slave: host mounts still propagate in, ours never propagate out.
         let root = c"/";
-        if libc::mount(std::ptr::null(), root.as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_SLAVE, std::ptr::null())
-            != 0
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ) != 0
         {
             return Err(io::Error::last_os_error());
         }
-        if libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
+        if libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        ) != 0
+        {
             return Err(io::Error::last_os_error());
         }
     }
@@ -108,8 +123,12 @@ fn private_vm_root(src: &CString, dst: &CString) -> io::Result<()> {
 }
 
 fn cstr(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_encoded_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("path {} contains NUL", p.display())))
+    CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("path {} contains NUL", p.display()),
+        )
+    })
 }
 
 /// Hard-links `src` to `dst` (same file system: instant, shares the page cache); copies when

@@ -37,7 +37,13 @@ impl PidFd {
     pub fn signal(&self, sig: libc::c_int) -> io::Result<()> {
         // SAFETY: plain syscall on an fd we own.
         let r = unsafe {
-            libc::syscall(libc::SYS_pidfd_send_signal, self.fd.get_ref().as_raw_fd(), sig, std::ptr::null::<u8>(), 0)
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.get_ref().as_raw_fd(),
+                sig,
+                std::ptr::null::<u8>(),
+                0,
+            )
         };
         if r < 0 {
             let e = io::Error::last_os_error();
@@ -90,7 +96,9 @@ impl Inotify {
             let mut buf = [0u8; 4096];
             let r = guard.try_io(|fd| {
                 // SAFETY: reading into a stack buffer of the given size.
-                let n = unsafe { libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                let n = unsafe {
+                    libc::read(fd.get_ref().as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+                };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {
@@ -125,7 +133,10 @@ pub async fn wait_in_dir<T>(
     pidfd: Option<&PidFd>,
     mut check: impl FnMut() -> io::Result<Option<T>>,
 ) -> Result<T, WaitError> {
-    let ino = Inotify::watch(dir, libc::IN_CREATE | libc::IN_MODIFY | libc::IN_MOVED_TO | libc::IN_ATTRIB)?;
+    let ino = Inotify::watch(
+        dir,
+        libc::IN_CREATE | libc::IN_MODIFY | libc::IN_MOVED_TO | libc::IN_ATTRIB,
+    )?;
     let deadline = Instant::now() + timeout;
     loop {
         // Checked after the watch exists, so no change can slip between check and wait.
@@ -173,7 +184,12 @@ pub struct MarkerScan {
 
 impl MarkerScan {
     pub fn new(path: impl Into<PathBuf>, marker: &str, from_offset: u64) -> Self {
-        MarkerScan { path: path.into(), marker: marker.as_bytes().to_vec(), offset: from_offset, carry: Vec::new() }
+        MarkerScan {
+            path: path.into(),
+            marker: marker.as_bytes().to_vec(),
+            offset: from_offset,
+            carry: Vec::new(),
+        }
     }
 
     /// Reads what was appended since the last call; true once the marker has been seen.
@@ -190,7 +206,10 @@ impl MarkerScan {
         self.offset += fresh.len() as u64;
         let mut hay = std::mem::take(&mut self.carry);
         hay.extend_from_slice(&fresh);
-        if hay.windows(self.marker.len().max(1)).any(|w| w == self.marker.as_slice()) {
+        if hay
+            .windows(self.marker.len().max(1))
+            .any(|w| w == self.marker.as_slice())
+        {
             return Ok(true);
         }
         let keep = self.marker.len().saturating_sub(1).min(hay.len());
@@ -219,9 +238,11 @@ mod tests {
             })
         };
         let t0 = std::time::Instant::now();
-        wait_in_dir(dir.path(), Duration::from_secs(5), None, || Ok(scan.found()?.then_some(())))
-            .await
-            .unwrap();
+        wait_in_dir(dir.path(), Duration::from_secs(5), None, || {
+            Ok(scan.found()?.then_some(()))
+        })
+        .await
+        .unwrap();
         assert!(t0.elapsed() < Duration::from_secs(4));
         writer.await.unwrap();
     }
@@ -229,12 +250,18 @@ mod tests {
     #[tokio::test]
     async fn wait_times_out_and_notices_exit() {
         let dir = tempfile::tempdir().unwrap();
-        let r = wait_in_dir(dir.path(), Duration::from_millis(50), None, || Ok(None::<()>)).await;
+        let r = wait_in_dir(dir.path(), Duration::from_millis(50), None, || {
+            Ok(None::<()>)
+        })
+        .await;
         assert!(matches!(r, Err(WaitError::Timeout(_))));
 
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pidfd = PidFd::open(child.id() as i32).unwrap();
-        let r = wait_in_dir(dir.path(), Duration::from_secs(5), Some(&pidfd), || Ok(None::<()>)).await;
+        let r = wait_in_dir(dir.path(), Duration::from_secs(5), Some(&pidfd), || {
+            Ok(None::<()>)
+        })
+        .await;
         assert!(matches!(r, Err(WaitError::Exited)));
         child.wait().unwrap();
     }

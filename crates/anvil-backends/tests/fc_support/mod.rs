@@ -12,7 +12,9 @@ pub const MARKER: &str = "ANVIL-TEST-GUEST-READY";
 pub const CGROUP_ROOT: &str = "anvil-test-fc";
 
 pub fn firecracker_bin() -> PathBuf {
-    std::env::var_os("ANVIL_FIRECRACKER_BIN").map(PathBuf::from).unwrap_or_else(|| "/usr/local/bin/firecracker".into())
+    std::env::var_os("ANVIL_FIRECRACKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/usr/local/bin/firecracker".into())
 }
 
 pub fn jailer_bin() -> PathBuf {
@@ -29,7 +31,11 @@ pub fn skip_reason() -> Option<String> {
             firecracker_bin().display()
         ));
     }
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         return Some(format!("/dev/kvm not usable: {e}"));
     }
     if !nix::unistd::Uid::effective().is_root() {
@@ -51,8 +57,15 @@ pub(crate) use require_firecracker;
 /// Builds (cached) and returns the test guest ELF.
 pub fn test_guest() -> PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/test-guest/build.sh");
-    let out = std::process::Command::new("bash").arg(&script).output().expect("run build.sh");
-    assert!(out.status.success(), "build.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .expect("run build.sh");
+    assert!(
+        out.status.success(),
+        "build.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
@@ -65,7 +78,10 @@ pub struct Env {
 
 impl Env {
     pub fn new(jailed: bool) -> Env {
-        let dir = tempfile::Builder::new().prefix("fc").tempdir_in("/tmp").unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("fc")
+            .tempdir_in("/tmp")
+            .unwrap();
         let cfg = FirecrackerConfig {
             firecracker: firecracker_bin(),
             jailer: Some(jailer_bin()),
@@ -76,20 +92,37 @@ impl Env {
             gid: if jailed { 65534 } else { 0 },
             ready_timeout: Duration::from_secs(10),
             ready_probe: ReadyProbe::SerialMarker(MARKER.into()),
-            cgroup: Some(CgroupConfig { root_name: CGROUP_ROOT.into(), base: None }),
+            cgroup: Some(CgroupConfig {
+                root_name: CGROUP_ROOT.into(),
+                base: None,
+            }),
             stop_grace: Duration::from_secs(2),
             log_level: "Info".into(),
         };
         let backend = FirecrackerBackend::new(cfg).unwrap();
-        Env { dir, backend, guest: test_guest() }
+        Env {
+            dir,
+            backend,
+            guest: test_guest(),
+        }
     }
 
     pub fn template(&self) -> TemplateFiles {
-        TemplateFiles { id: "test-guest".into(), kernel: Some(self.guest.clone()), ..Default::default() }
+        TemplateFiles {
+            id: "test-guest".into(),
+            kernel: Some(self.guest.clone()),
+            ..Default::default()
+        }
     }
 
     pub fn vm() -> VmSpec {
-        VmSpec { vcpus: 1, memory_bytes: 32 << 20, boot_args: None, enable_vsock: true, serial_log: true }
+        VmSpec {
+            vcpus: 1,
+            memory_bytes: 32 << 20,
+            boot_args: None,
+            enable_vsock: true,
+            serial_log: true,
+        }
     }
 
     pub fn spec(&self, id: &str, template: TemplateFiles) -> InstanceSpec {
@@ -98,7 +131,12 @@ impl Env {
             instance_dir: self.dir.path().join("instances").join(id),
             cgroup_name: format!("fc-{id}"),
             template,
-            quota: Quota { cpu_shares: Some(512), memory_high: None, memory_max: Some(256 << 20), pids_max: Some(64) },
+            quota: Quota {
+                cpu_shares: Some(512),
+                memory_high: None,
+                memory_max: Some(256 << 20),
+                pids_max: Some(64),
+            },
             network: false,
             env: Default::default(),
             vm: Some(Self::vm()),
@@ -110,10 +148,18 @@ impl Env {
     pub async fn snapshot_template(&self) -> TemplateFiles {
         let out = self.dir.path().join("snap");
         self.backend
-            .prepare_snapshot(&self.template(), &Self::vm(), &self.dir.path().join("prepare"), &out)
+            .prepare_snapshot(
+                &self.template(),
+                &Self::vm(),
+                &self.dir.path().join("prepare"),
+                &out,
+            )
             .await
             .unwrap();
-        TemplateFiles { snapshot_dir: Some(out), ..self.template() }
+        TemplateFiles {
+            snapshot_dir: Some(out),
+            ..self.template()
+        }
     }
 }
 
@@ -139,7 +185,11 @@ pub async fn tick_above(spec: &InstanceSpec, above: u32) -> u32 {
                 return t;
             }
         }
-        assert!(Instant::now() < deadline, "no tick above {above}; console: {}", console(spec));
+        assert!(
+            Instant::now() < deadline,
+            "no tick above {above}; console: {}",
+            console(spec)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -151,9 +201,16 @@ pub fn alive(rt: &Runtime) -> bool {
 /// Asserts nothing of `spec`/`rt` is left: process, instance dir, sockets, cgroup dirs.
 pub fn assert_gone(rt: &Runtime, spec: &InstanceSpec) {
     assert!(!alive(rt), "firecracker pid {:?} still alive", rt.pid);
-    assert!(!spec.instance_dir.exists(), "instance dir {} left behind", spec.instance_dir.display());
+    assert!(
+        !spec.instance_dir.exists(),
+        "instance dir {} left behind",
+        spec.instance_dir.display()
+    );
     for ctrl in ["memory", "pids", "cpu", "freezer", "unified"] {
-        let p = Path::new("/sys/fs/cgroup").join(ctrl).join(CGROUP_ROOT).join(&spec.cgroup_name);
+        let p = Path::new("/sys/fs/cgroup")
+            .join(ctrl)
+            .join(CGROUP_ROOT)
+            .join(&spec.cgroup_name);
         assert!(!p.exists(), "cgroup {} left behind", p.display());
     }
     if let Some(jail) = rt.data.get("jail_dir").and_then(|v| v.as_str()) {
@@ -164,5 +221,6 @@ pub fn assert_gone(rt: &Runtime, spec: &InstanceSpec) {
 /// Cgroup directories that hold `pid` (from /proc/<pid>/cgroup) contain our root name.
 pub fn in_test_cgroup(pid: i32, name: &str) -> bool {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    text.lines().any(|l| l.contains(&format!("/{CGROUP_ROOT}/{name}")))
+    text.lines()
+        .any(|l| l.contains(&format!("/{CGROUP_ROOT}/{name}")))
 }
