@@ -281,6 +281,17 @@ async fn create_exec_files_isolation_destroy() {
     let rt = w.create(&spec).await;
     let d = data(&rt);
     // Host: bwrap and the agent are in the sandbox cgroup, the overlay is mounted.
+    // bwrap leads its own session (survives the daemon's process group and terminal).
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", rt.pid.unwrap())).unwrap();
+    let sid = stat[stat.rfind(')').unwrap() + 2..]
+        .split(' ')
+        .nth(3)
+        .unwrap();
+    assert_eq!(
+        sid,
+        rt.pid.unwrap().to_string(),
+        "bwrap is not a session leader"
+    );
     let pids = d.cgroup.pids().unwrap();
     assert!(
         pids.contains(&rt.pid.unwrap()),
@@ -585,8 +596,26 @@ async fn pause_stops_a_counter_and_resume_restarts_it() {
     assert!(read() > frozen_at, "counter did not restart after resume");
     assert_eq!(w.sh(&rt, "echo up").await.0, "up\n");
 
-    // Destroy straight from paused works too.
+    // A checkpoint of a paused sandbox leaves it paused; adoption of a paused one works
+    // without asking its (frozen) agent.
     w.backend.pause(&rt).await.unwrap();
+    let ckpt = w.state.path().join("ck");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    w.backend.checkpoint(&rt, &ckpt).await.unwrap();
+    assert!(
+        d.cgroup.is_frozen().unwrap(),
+        "checkpoint thawed a paused sandbox"
+    );
+    let t = Instant::now();
+    assert!(
+        w.backend.adopt(&rt).await.unwrap(),
+        "paused sandbox not adopted"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "adopt waited on a frozen agent"
+    );
+    // Destroy straight from paused works too.
     w.destroy_checked(&rt).await;
 }
 
@@ -637,6 +666,14 @@ async fn failed_create_leaves_nothing() {
     let Some(w) = World::with_agent("fail", Some(PathBuf::from("/bin/true"))) else {
         return;
     };
+    let missing =
+        World::with_agent("fail2", Some(PathBuf::from("/nonexistent/anvil-agent"))).unwrap();
+    let probe = missing.backend.probe().await;
+    assert!(!probe.available);
+    assert!(
+        probe.reason.unwrap().contains("agent"),
+        "probe reason should name the agent"
+    );
     let spec = w.spec(1, Quota::default());
     let t = Instant::now();
     let err = w.backend.create(&spec).await.unwrap_err();

@@ -476,17 +476,19 @@ impl Backend for BubblewrapBackend {
         let data = Self::data(rt)?;
         let dst = dir.join("upper");
         blocking(move || {
+            // A sandbox the user paused stays paused afterwards.
+            let was_frozen = data.cgroup.is_frozen().unwrap_or(false);
             data.cgroup
                 .freeze()
                 .map_err(|e| BackendError::Other(format!("freeze for checkpoint: {e}")))?;
             let copied =
                 mount::copy_tree(&data.upper, &dst).map_err(|e| BackendError::Other(e.to_string()));
-            let thawed = data
-                .cgroup
-                .thaw()
-                .map_err(|e| BackendError::Other(format!("thaw after checkpoint: {e}")));
+            if !was_frozen {
+                data.cgroup
+                    .thaw()
+                    .map_err(|e| BackendError::Other(format!("thaw after checkpoint: {e}")))?;
+            }
             copied?;
-            thawed?;
             let size_bytes =
                 mount::dir_size(&dst).map_err(|e| BackendError::Other(e.to_string()))?;
             Ok(CheckpointOutcome {
@@ -569,6 +571,10 @@ impl Backend for BubblewrapBackend {
         let alive = rt
             .pid
             .is_some_and(|pid| process::same_running_process(pid, rt.pid_start_time));
+        if alive && data.cgroup.is_frozen().unwrap_or(false) {
+            // A paused sandbox's agent cannot answer; pid + start time identify it.
+            return Ok(true);
+        }
         if alive {
             let client = AgentClient::new(AgentEndpoint::Unix(data.agent_socket.clone()))
                 .with_timeout(ADOPT_HEALTH_TIMEOUT);

@@ -98,6 +98,14 @@ impl Cgroup {
         }
     }
 
+    /// Whether the cgroup is frozen (or being frozen) right now.
+    pub fn is_frozen(&self) -> Result<bool, CgroupError> {
+        match self.freezer()? {
+            Freezer::V1(dir) => Ok(read(&dir.join("freezer.state"))?.trim() != "THAWED"),
+            Freezer::V2(dir) => Ok(read(&dir.join("cgroup.freeze"))?.trim() == "1"),
+        }
+    }
+
     /// Thaws the cgroup (does not wait: thawed tasks run as soon as they are scheduled).
     pub fn thaw(&self) -> Result<(), CgroupError> {
         match self.freezer()? {
