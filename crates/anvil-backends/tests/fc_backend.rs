@@ -141,6 +141,13 @@ async fn five_concurrent_restores_from_one_snapshot() {
         d
     };
     eprintln!("single restore: {single:?}");
+    // Re-preparing the snapshot in place must not disturb VMs mapping the old memory file.
+    env.snapshot_template().await;
+    for (spec, rt) in specs.iter().zip(&rts) {
+        let now = ticks(spec).last().copied().unwrap();
+        tick_above(spec, now).await;
+        assert_eq!(api(rt).instance_info().await.unwrap().state, "Running");
+    }
     for (spec, rt) in specs.iter().zip(&rts) {
         env.backend.destroy(rt).await.unwrap();
         assert_gone(rt, spec);

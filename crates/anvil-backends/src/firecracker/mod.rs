@@ -220,12 +220,28 @@ impl FirecrackerBackend {
             vm: Some(vm.clone()),
             from_checkpoint: None,
         };
-        let rt = self.launch(&spec, Source::Boot(&spec.template)).await?;
-        let result = self.snapshot_into(&rt, &spec, out_dir, false).await;
-        let teardown = self.teardown(&rt, true).await;
-        let meta = result?;
-        teardown?;
-        Ok(meta)
+        // Written aside and renamed into place: VMs already restored from an older snapshot in
+        // `out_dir` keep their MAP_PRIVATE mappings of the old (now unlinked) memory file
+        // instead of seeing it rewritten under them.
+        let staging = out_dir.join(format!(".new-{}", spec.id));
+        std::fs::create_dir_all(&staging)
+            .map_err(|e| BackendError::io(format!("create {}", staging.display()), e))?;
+        let published = async {
+            let rt = self.launch(&spec, Source::Boot(&spec.template)).await?;
+            let result = self.snapshot_into(&rt, &spec, &staging, false).await;
+            let teardown = self.teardown(&rt, true).await;
+            let meta = result?;
+            teardown?;
+            // The metadata last: a snapshot dir with snapshot.json is complete.
+            for f in [layout::SNAP_VMSTATE, layout::SNAP_MEM, layout::SNAP_META] {
+                std::fs::rename(staging.join(f), out_dir.join(f))
+                    .map_err(|e| BackendError::io(format!("publish snapshot file {f}"), e))?;
+            }
+            Ok(meta)
+        }
+        .await;
+        remove_tree(&staging)?;
+        published
     }
 
     fn runtime_of(rt: &Runtime) -> Result<FcRuntime, BackendError> {
@@ -321,8 +337,8 @@ impl FirecrackerBackend {
             Err(e) => {
                 let rt = Runtime {
                     backend: BackendKind::Firecracker,
-                    pid,
-                    pid_start_time: pid.and_then(crate::procfs::pid_start_time),
+                    pid: pid.map(|(p, _)| p),
+                    pid_start_time: pid.and_then(|(_, start)| start),
                     data: serde_json::to_value(&fc).unwrap_or_default(),
                 };
                 if let Err(cleanup) = self.teardown_fc(&rt, &fc, true).await {
@@ -342,7 +358,7 @@ impl FirecrackerBackend {
         vm_dir: &VmDir,
         vmm_id: &str,
         fc: &mut FcRuntime,
-        pid_out: &mut Option<i32>,
+        pid_out: &mut Option<(i32, Option<u64>)>,
     ) -> Result<(i32, u64), BackendError> {
         let io = |what: String| move |e| BackendError::io(what, e);
         std::fs::create_dir_all(&spec.instance_dir)
@@ -482,8 +498,9 @@ impl FirecrackerBackend {
             BackendError::Spawn(format!("start {}: {e}", self.cfg.firecracker.display()))
         })?;
         drop(procs);
-        *pid_out = Some(pid);
-        let start = crate::procfs::pid_start_time(pid).ok_or_else(|| {
+        // Our unreaped child keeps its pid (even as a zombie): the start time is its own.
+        *pid_out = Some((pid, crate::procfs::pid_start_time(pid)));
+        let start = pid_out.and_then(|(_, s)| s).ok_or_else(|| {
             BackendError::Spawn(format!(
                 "firecracker (pid {pid}) exited immediately{}",
                 self.console_tail(fc)
@@ -667,10 +684,6 @@ impl FirecrackerBackend {
                 spawn::chown(&snap, self.cfg.uid, self.cfg.gid)
                     .map_err(|e| BackendError::io(format!("chown {}", snap.display()), e))?;
                 let in_jail = vm.vmm(layout::JAIL_SNAP_DIR);
-                for f in [layout::SNAP_VMSTATE, layout::SNAP_MEM] {
-                    // A restored VM has its source snapshot linked here: never overwrite those inodes.
-                    let _ = std::fs::remove_file(snap.join(f));
-                }
                 (in_jail.join("out-vmstate"), in_jail.join("out-mem"))
             } else {
                 (dir.join(layout::SNAP_VMSTATE), dir.join(layout::SNAP_MEM))
