@@ -699,3 +699,65 @@ async fn failed_create_leaves_nothing() {
         "mount left"
     );
 }
+
+/// Run by `sandbox_survives_daemon_exit` in a separate process playing the daemon: creates a
+/// sandbox, writes its runtime record and exits without destroying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process of sandbox_survives_daemon_exit"]
+async fn crash_helper() {
+    let out = PathBuf::from(
+        std::env::var_os("ANVIL_BWRAP_CRASH_OUT").expect("run by sandbox_survives_daemon_exit"),
+    );
+    let w = World::new("crash").expect("prerequisites checked by the parent");
+    let mut spec = w.spec(1, Quota::default());
+    spec.instance_dir = out.join("instance");
+    let rt = w.backend.create(&spec).await.unwrap();
+    std::fs::write(out.join("runtime.json"), serde_json::to_vec(&rt).unwrap()).unwrap();
+    // Exit the process right away: no destroy, no drop of `w` (a crash, as far as the sandbox knows).
+    std::process::exit(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_survives_daemon_exit() {
+    let Some(w) = World::new("survive") else {
+        return;
+    };
+    let out = w.state.path().join("crash");
+    std::fs::create_dir_all(&out).unwrap();
+    // Like init on a real host, this process adopts the orphaned bwrap so that it gets
+    // reaped right away (this machine's pid 1 reaps lazily).
+    // SAFETY: prctl with integer arguments.
+    assert_eq!(
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
+        0
+    );
+    let st = Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "crash_helper", "--test-threads=1"])
+        .env("ANVIL_BWRAP_CRASH_OUT", &out)
+        .env("ANVIL_AGENT_BIN", prerequisites().unwrap().0)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "helper failed: {st}");
+    let rt: Runtime =
+        serde_json::from_slice(&std::fs::read(out.join("runtime.json")).unwrap()).unwrap();
+    w.track(&rt);
+    let pid = rt.pid.unwrap();
+    assert!(running(pid), "sandbox died with its daemon");
+
+    // A new backend instance (the restarted daemon) adopts it and can use it.
+    let again = World::new("survive-2").unwrap();
+    assert!(
+        again.backend.adopt(&rt).await.unwrap(),
+        "live sandbox not adopted"
+    );
+    assert_eq!(w.sh(&rt, "echo still here").await.0, "still here\n");
+
+    let d = data(&rt);
+    again.backend.destroy(&rt).await.unwrap();
+    assert_host_clean(&rt, &d);
+    assert!(
+        mounts_under(w.state.path()).unwrap().is_empty(),
+        "mount left"
+    );
+}
