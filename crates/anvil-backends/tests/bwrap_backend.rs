@@ -91,6 +91,14 @@ impl World {
     }
 
     fn with_agent(tag: &str, agent_override: Option<PathBuf>) -> Option<World> {
+        Self::with_cfg(tag, |cfg| {
+            if let Some(a) = agent_override {
+                cfg.agent = a;
+            }
+        })
+    }
+
+    fn with_cfg(tag: &str, adjust: impl FnOnce(&mut BwrapConfig)) -> Option<World> {
         let (agent, template) = match prerequisites() {
             Ok(p) => p,
             Err(why) => {
@@ -98,15 +106,16 @@ impl World {
                 return None;
             }
         };
-        let cfg = BwrapConfig {
+        let mut cfg = BwrapConfig {
             bwrap: "/usr/bin/bwrap".into(),
-            agent: agent_override.unwrap_or(agent),
+            agent,
             cgroups: CgroupConfig {
                 root_name: CGROUP_ROOT.into(),
                 base: None,
             },
             ready_timeout: Duration::from_secs(10),
         };
+        adjust(&mut cfg);
         let state = tempfile::Builder::new()
             .prefix("anvil-bw")
             .tempdir()
@@ -760,4 +769,30 @@ async fn sandbox_survives_daemon_exit() {
         mounts_under(w.state.path()).unwrap().is_empty(),
         "mount left"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_timeout_kills_and_cleans_up() {
+    // The agent runs but cannot report in time: bwrap is killed, everything removed.
+    let Some(w) = World::with_cfg("slow", |c| c.ready_timeout = Duration::from_millis(1)) else {
+        return;
+    };
+    let spec = w.spec(1, Quota::default());
+    let err = w.backend.create(&spec).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("ready"), "{msg}");
+    assert!(!spec.instance_dir.exists(), "instance dir left");
+    assert!(
+        mounts_under(w.state.path()).unwrap().is_empty(),
+        "mount left"
+    );
+    let cg = anvil_backends::cgroup::CgroupManager::new(&CgroupConfig {
+        root_name: CGROUP_ROOT.into(),
+        base: None,
+    })
+    .unwrap()
+    .open(&spec.cgroup_name)
+    .unwrap();
+    assert!(!cg.exists(), "cgroup left");
+    assert!(cg.pids().unwrap().is_empty());
 }
