@@ -185,6 +185,27 @@ impl FirecrackerBackend {
         Ok(FirecrackerBackend { cfg, cgroups })
     }
 
+    /// The daemon's way in: binaries, cgroup root, ready timeout and state dir from the
+    /// registry settings; the jailer is used when one is configured (as uid/gid 0 — set
+    /// [`FirecrackerConfig::uid`]/`gid` through [`FirecrackerBackend::new`] for another user).
+    /// Shared paths: `<state_dir>/firecracker/{vmroot,jailer}`.
+    pub fn from_settings(s: &crate::registry::BackendSettings) -> Result<Self, BackendError> {
+        let base = s.state_dir.join("firecracker");
+        Self::new(FirecrackerConfig {
+            firecracker: s.binary.clone(),
+            jailer: s.jailer.clone(),
+            use_jailer: s.jailer.is_some(),
+            chroot_base: base.join("jailer"),
+            vm_root: base.join("vmroot"),
+            ready_timeout: s.ready_timeout,
+            cgroup: Some(CgroupConfig {
+                root_name: s.cgroup_root.clone(),
+                base: None,
+            }),
+            ..FirecrackerConfig::default()
+        })
+    }
+
     pub fn config(&self) -> &FirecrackerConfig {
         &self.cfg
     }
