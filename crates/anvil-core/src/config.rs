@@ -70,6 +70,15 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 /// What the daemon does with running sandboxes when it stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -79,6 +88,15 @@ pub enum ShutdownMode {
     Keep,
     /// Destroy every sandbox (termination reason `shutdown`).
     Destroy,
+}
+
+impl ShutdownMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShutdownMode::Keep => "keep",
+            ShutdownMode::Destroy => "destroy",
+        }
+    }
 }
 
 /// `[policy].on_load_error`.
@@ -92,6 +110,15 @@ pub enum OnLoadError {
     Warn,
 }
 
+impl OnLoadError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnLoadError::Fail => "fail",
+            OnLoadError::Warn => "warn",
+        }
+    }
+}
+
 /// `[cgroup].mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -101,6 +128,16 @@ pub enum CgroupMode {
     Auto,
     V1,
     V2,
+}
+
+impl CgroupMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CgroupMode::Auto => "auto",
+            CgroupMode::V1 => "v1",
+            CgroupMode::V2 => "v2",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

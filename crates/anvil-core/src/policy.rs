@@ -66,6 +66,9 @@ pub enum FallbackOnMissingHook {
     Continue,
 }
 
+/// Short alias of [`FallbackOnMissingHook`].
+pub type FallbackMode = FallbackOnMissingHook;
+
 impl FallbackOnMissingHook {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -327,7 +330,7 @@ pub struct Policy {
     pub policy_name: String,
     pub priority: i64,
     #[serde(rename = "match")]
-    pub match_: MatchSection,
+    pub matches: MatchSection,
     pub select: SelectSection,
     #[serde(default)]
     pub pool: PolicyPool,
@@ -450,7 +453,7 @@ impl Policy {
             ));
         }
 
-        let m = &self.match_;
+        let m = &self.matches;
         if m.workload_class.is_empty() {
             return Err(self.invalid("match.workload_class", "must name at least one class"));
         }
@@ -582,13 +585,13 @@ impl Policy {
     }
 
     /// Whether this policy applies to a sandbox of `workload_class` with `labels`.
-    pub fn matches(&self, workload_class: &str, labels: &BTreeMap<String, String>) -> bool {
-        self.match_
+    pub fn applies_to(&self, workload_class: &str, labels: &BTreeMap<String, String>) -> bool {
+        self.matches
             .workload_class
             .iter()
             .any(|c| c == workload_class)
             && self
-                .match_
+                .matches
                 .image_labels
                 .iter()
                 .all(|(k, v)| labels.get(k) == Some(v))
@@ -603,7 +606,7 @@ impl Policy {
         PolicySummary {
             name: self.policy_name.clone(),
             priority: self.priority,
-            workload_class: self.match_.workload_class.clone(),
+            workload_class: self.matches.workload_class.clone(),
             backend_priority: self.select.backend_priority.clone(),
         }
     }
@@ -684,7 +687,7 @@ impl PolicySet {
     ) -> Result<&Policy, NoMatchingPolicy> {
         self.policies
             .iter()
-            .find(|p| p.matches(workload_class, labels))
+            .find(|p| p.applies_to(workload_class, labels))
             .ok_or_else(|| NoMatchingPolicy {
                 workload_class: workload_class.to_string(),
                 labels: labels.clone(),
@@ -744,8 +747,8 @@ backend_priority = ["bubblewrap"]
     #[test]
     fn minimal_policy_defaults() {
         let p = load(MINIMAL).unwrap();
-        assert_eq!(p.match_.workload_class, vec!["agent-rl"]);
-        assert!(p.match_.image_labels.is_empty());
+        assert_eq!(p.matches.workload_class, vec!["agent-rl"]);
+        assert!(p.matches.image_labels.is_empty());
         assert_eq!(
             p.select.fallback_on_missing_hook,
             FallbackOnMissingHook::Fail
@@ -814,7 +817,7 @@ max_ttl = 86400
         )
         .unwrap();
         assert_eq!(p.priority, -5);
-        assert_eq!(p.match_.image_labels["tier"], "gold");
+        assert_eq!(p.matches.image_labels["tier"], "gold");
         assert_eq!(p.select.kernel_hooks, ["mm-template", "vsock"]);
         assert_eq!(p.default_template(), Some("busybox"));
         assert_eq!(p.pool.reset_mode, ResetMode::MmTemplate);
@@ -990,10 +993,10 @@ max_ttl = 86400
     #[test]
     fn image_labels_must_all_match() {
         let mut gold = named("gold", 100, &["x"], "/p/gold.toml");
-        gold.match_
+        gold.matches
             .image_labels
             .insert("tier".into(), "gold".into());
-        gold.match_.image_labels.insert("gpu".into(), "no".into());
+        gold.matches.image_labels.insert("gpu".into(), "no".into());
         let set = PolicySet::new(vec![gold, named("plain", 1, &["x"], "/p/plain.toml")]).unwrap();
         let mut labels = BTreeMap::new();
         labels.insert("tier".to_string(), "gold".to_string());

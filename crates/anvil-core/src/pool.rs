@@ -1,6 +1,9 @@
 //! Warm-pool bookkeeping (SPEC §4 pools, §6 `[pool]`). Pure: the daemon passes the time in and
 //! carries out the plan (creates, destroys); this module decides how many and which.
 //!
+//! Times are milliseconds since the Unix epoch (`u64`), so warm-since stamps survive a daemon
+//! restart through the store.
+//!
 //! Rules: a pool pre-warms to `target` counting creations in flight, never holds more than
 //! `max`, destroys warm instances older than `warm_ttl`, and after `failure_threshold`
 //! consecutive failed creations backs off exponentially (initial .. max) until one succeeds.
@@ -10,7 +13,7 @@ use crate::config::PoolSection;
 use crate::policy::PolicyPool;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use utoipa::ToSchema;
 
 /// Pools are per backend, workload class and image.
@@ -22,7 +25,8 @@ pub struct PoolKey {
 }
 
 /// Sizing of one pool (from its policy, or `PUT /v1/pools/{backend}/{class}/sizing`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// The default (all zero, disabled) is a pool that holds nothing: `plan` evicts everything.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 pub struct PoolSizing {
     pub min: u32,
     pub target: u32,
@@ -74,6 +78,10 @@ impl PoolSizing {
 
     pub fn warm_ttl(&self) -> Duration {
         Duration::from_secs(self.warm_ttl_secs)
+    }
+
+    fn warm_ttl_ms(&self) -> u64 {
+        self.warm_ttl_secs.saturating_mul(1000)
     }
 }
 
@@ -127,7 +135,7 @@ pub struct PoolPlan {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Warm {
     id: String,
-    since: Instant,
+    since_ms: u64,
 }
 
 /// The state of one pool.
@@ -144,11 +152,27 @@ pub struct PoolBook {
     refill_failures: u64,
     consecutive_failures: u32,
     backoff: Option<Duration>,
-    backoff_until: Option<Instant>,
+    backoff_until_ms: Option<u64>,
 }
 
 impl PoolBook {
-    pub fn new(sizing: PoolSizing, settings: PoolSettings) -> PoolBook {
+    pub fn new(
+        sizing: PoolSizing,
+        backoff_initial: Duration,
+        backoff_max: Duration,
+        failure_threshold: u32,
+    ) -> PoolBook {
+        PoolBook::with_settings(
+            sizing,
+            PoolSettings {
+                failure_threshold: failure_threshold.max(1),
+                backoff_initial,
+                backoff_max: backoff_max.max(backoff_initial),
+            },
+        )
+    }
+
+    pub fn with_settings(sizing: PoolSizing, settings: PoolSettings) -> PoolBook {
         PoolBook {
             sizing,
             settings,
@@ -160,7 +184,7 @@ impl PoolBook {
             refill_failures: 0,
             consecutive_failures: 0,
             backoff: None,
-            backoff_until: None,
+            backoff_until_ms: None,
         }
     }
 
@@ -177,19 +201,31 @@ impl PoolBook {
         self.settings = settings;
     }
 
-    /// Adds a warm instance (a finished creation, or a reset instance returning to the pool).
-    /// Returns false, leaving the book unchanged, if the pool is disabled, already holds it,
-    /// or is full (`max` warm); the caller then destroys the instance.
-    pub fn add_warm(&mut self, id: impl Into<String>, now: Instant) -> bool {
+    /// Adds a warm instance (a finished creation, a reset instance returning to the pool, or
+    /// one adopted after a restart with its original warm-since time). Always accepted so that
+    /// nothing running goes untracked; the next `plan` evicts it if the pool is disabled or
+    /// above `max`. Returns false only if the id is already here.
+    pub fn add_warm(&mut self, id: impl Into<String>, now_ms: u64) -> bool {
         let id = id.into();
-        if !self.sizing.enabled
-            || self.warm.len() >= self.sizing.max as usize
-            || self.warm.iter().any(|w| w.id == id)
-        {
+        if self.warm.iter().any(|w| w.id == id) {
             return false;
         }
-        self.warm.push_back(Warm { id, since: now });
+        // Keep oldest-first order even for adopted instances with older stamps.
+        let pos = self.warm.partition_point(|w| w.since_ms <= now_ms);
+        self.warm.insert(
+            pos,
+            Warm {
+                id,
+                since_ms: now_ms,
+            },
+        );
         true
+    }
+
+    /// Whether another warm instance fits under `max` (checked before returning a reset
+    /// instance to the pool).
+    pub fn has_room(&self) -> bool {
+        self.sizing.enabled && self.warm.len() < self.sizing.max as usize
     }
 
     /// Takes the oldest warm instance (the one closest to its TTL). Counts a hit or a miss.
@@ -237,6 +273,11 @@ impl PoolBook {
         self.warm.drain(..).map(|w| w.id).collect()
     }
 
+    /// Same as [`PoolBook::drain`].
+    pub fn take_all_warm(&mut self) -> Vec<String> {
+        self.drain()
+    }
+
     pub fn warm_ids(&self) -> Vec<String> {
         self.warm.iter().map(|w| w.id.clone()).collect()
     }
@@ -253,13 +294,13 @@ impl PoolBook {
         self.consecutive_failures
     }
 
-    /// When refills may start again, if the pool is backing off.
-    pub fn backoff_until(&self, now: Instant) -> Option<Instant> {
-        self.backoff_until.filter(|t| *t > now)
+    /// When refills may start again (epoch ms), if the pool is backing off at `now_ms`.
+    pub fn backoff_until(&self, now_ms: u64) -> Option<u64> {
+        self.backoff_until_ms.filter(|t| *t > now_ms)
     }
 
     /// Evicts what must go and says how many to create.
-    pub fn plan(&mut self, now: Instant) -> PoolPlan {
+    pub fn plan(&mut self, now_ms: u64) -> PoolPlan {
         let mut evict = Vec::new();
         if !self.sizing.enabled {
             evict.extend(self.warm.drain(..).map(|w| w.id));
@@ -270,9 +311,9 @@ impl PoolBook {
                 evict,
             };
         }
-        let ttl = self.sizing.warm_ttl();
+        let ttl = self.sizing.warm_ttl_ms();
         self.warm.retain(|w| {
-            let expired = now.saturating_duration_since(w.since) >= ttl;
+            let expired = now_ms.saturating_sub(w.since_ms) >= ttl;
             if expired {
                 evict.push(w.id.clone());
             }
@@ -287,7 +328,7 @@ impl PoolBook {
         self.evicted += evict.len() as u64;
 
         let have = self.warm_count().saturating_add(self.in_flight);
-        let create = if self.backoff_until(now).is_some() {
+        let create = if self.backoff_until(now_ms).is_some() {
             0
         } else {
             self.sizing
@@ -311,12 +352,12 @@ impl PoolBook {
     /// A creation has ended. Success resets the failure streak and backoff (then call
     /// `add_warm`); failure counts, and from `failure_threshold` consecutive failures on sets a
     /// backoff that doubles from `backoff_initial` up to `backoff_max`.
-    pub fn creation_finished(&mut self, ok: bool, now: Instant) {
+    pub fn creation_finished(&mut self, ok: bool, now_ms: u64) {
         self.in_flight = self.in_flight.saturating_sub(1);
         if ok {
             self.consecutive_failures = 0;
             self.backoff = None;
-            self.backoff_until = None;
+            self.backoff_until_ms = None;
             return;
         }
         self.refill_failures += 1;
@@ -327,7 +368,8 @@ impl PoolBook {
                 Some(b) => b.saturating_mul(2).min(self.settings.backoff_max),
             };
             self.backoff = Some(next);
-            self.backoff_until = Some(now + next);
+            let next_ms = u64::try_from(next.as_millis()).unwrap_or(u64::MAX);
+            self.backoff_until_ms = Some(now_ms.saturating_add(next_ms));
         }
     }
 
@@ -347,6 +389,8 @@ impl PoolBook {
 mod tests {
     use super::*;
 
+    const T0: u64 = 1_700_000_000_000;
+
     fn sizing(min: u32, target: u32, max: u32, ttl: u64) -> PoolSizing {
         PoolSizing {
             min,
@@ -358,12 +402,8 @@ mod tests {
         }
     }
 
-    fn settings() -> PoolSettings {
-        PoolSettings {
-            failure_threshold: 3,
-            backoff_initial: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(4),
-        }
+    fn book(s: PoolSizing) -> PoolBook {
+        PoolBook::new(s, Duration::from_millis(500), Duration::from_secs(4), 3)
     }
 
     #[test]
@@ -385,37 +425,41 @@ mod tests {
         };
         let s = PoolSizing::from_policy(&p);
         assert_eq!((s.min, s.target, s.max, s.warm_ttl_secs), (1, 2, 3, 2));
+        let d = PoolSettings::from_config(&PoolSection::default());
+        assert_eq!(d.failure_threshold, 3);
+        assert_eq!(d.backoff_initial, Duration::from_millis(500));
     }
 
     #[test]
     fn fills_to_target_counting_in_flight() {
-        let t0 = Instant::now();
-        let mut b = PoolBook::new(sizing(1, 3, 5, 60), settings());
-        let p = b.plan(t0);
+        let mut b = book(sizing(1, 3, 5, 60));
+        let p = b.plan(T0);
         assert_eq!((p.create, p.urgent), (3, 1));
         for _ in 0..p.create {
             b.creation_started();
         }
         // Nothing more while those are in flight.
-        assert_eq!(b.plan(t0).create, 0);
-        b.creation_finished(true, t0);
-        assert!(b.add_warm("a", t0));
-        assert_eq!(b.plan(t0).create, 0);
+        assert_eq!(b.plan(T0).create, 0);
+        b.creation_finished(true, T0);
+        assert!(b.add_warm("a", T0));
+        assert_eq!(b.plan(T0).create, 0);
         assert_eq!(b.in_flight(), 2);
         assert_eq!(b.claim().as_deref(), Some("a"));
-        assert_eq!(b.plan(t0).create, 1);
+        assert_eq!(b.plan(T0).create, 1);
     }
 
     #[test]
     fn claim_is_oldest_first_and_counts() {
-        let t0 = Instant::now();
-        let mut b = PoolBook::new(sizing(0, 3, 3, 60), settings());
-        assert!(b.add_warm("old", t0));
-        assert!(b.add_warm("mid", t0 + Duration::from_secs(1)));
-        assert!(!b.add_warm("mid", t0 + Duration::from_secs(1)));
-        assert!(b.add_warm("new", t0 + Duration::from_secs(2)));
-        assert!(!b.add_warm("extra", t0), "full at max");
+        let mut b = book(sizing(0, 3, 3, 60));
+        assert!(b.add_warm("mid", T0 + 1000));
+        assert!(!b.add_warm("mid", T0 + 1000), "duplicate");
+        assert!(b.add_warm("new", T0 + 2000));
+        // Adopted after a restart with an older stamp: still oldest first.
+        assert!(b.add_warm("old", T0));
+        assert_eq!(b.warm_ids(), vec!["old", "mid", "new"]);
+        assert!(!b.has_room());
         assert_eq!(b.claim().as_deref(), Some("old"));
+        assert!(b.has_room());
         assert_eq!(b.claim_where(&|id| id == "new").as_deref(), Some("new"));
         assert_eq!(b.claim_where(&|_| false), None);
         assert!(b.remove("mid"));
@@ -430,47 +474,46 @@ mod tests {
 
     #[test]
     fn evicts_expired_and_above_max() {
-        let t0 = Instant::now();
-        let mut b = PoolBook::new(sizing(0, 4, 4, 10), settings());
+        let mut b = book(sizing(0, 4, 4, 10));
         for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
-            assert!(b.add_warm(*id, t0 + Duration::from_secs(i as u64)));
+            assert!(b.add_warm(*id, T0 + 1000 * i as u64));
         }
-        let p = b.plan(t0 + Duration::from_secs(11));
+        let p = b.plan(T0 + 11_000);
         assert_eq!(p.evict, vec!["a", "b"]);
         assert_eq!(p.create, 2, "expired ones are replaced");
         assert_eq!(b.warm_ids(), vec!["c", "d"]);
         // Lowering max evicts the oldest extras.
         b.set_sizing(sizing(0, 1, 1, 10));
-        let p = b.plan(t0 + Duration::from_secs(11));
+        let p = b.plan(T0 + 11_000);
         assert_eq!(p.evict, vec!["c"]);
         assert_eq!(p.create, 0);
         assert_eq!(b.stats().evict_count, 3);
-        // Disabling evicts everything and plans nothing.
-        let mut s = sizing(0, 1, 1, 10);
-        s.enabled = false;
-        b.set_sizing(s);
-        let p = b.plan(t0 + Duration::from_secs(11));
-        assert_eq!((p.evict.clone(), p.create), (vec!["d".to_string()], 0));
-        assert!(!b.add_warm("z", t0));
+        // Above max through add_warm: accepted, then evicted by the next plan.
+        assert!(b.add_warm("e", T0 + 11_000));
+        assert_eq!(b.plan(T0 + 11_000).evict, vec!["d"]);
+        // Disabling (or the default sizing) evicts everything and plans nothing.
+        b.set_sizing(PoolSizing::default());
+        let p = b.plan(T0 + 11_000);
+        assert_eq!((p.evict.clone(), p.create), (vec!["e".to_string()], 0));
+        assert!(!b.has_room());
     }
 
     #[test]
     fn backoff_after_threshold_doubles_to_max_and_resets() {
-        let t0 = Instant::now();
-        let mut b = PoolBook::new(sizing(0, 2, 2, 60), settings());
-        let fail = |b: &mut PoolBook, at: Instant| {
+        let mut b = book(sizing(0, 2, 2, 60));
+        let fail = |b: &mut PoolBook, at: u64| {
             b.creation_started();
             b.creation_finished(false, at);
         };
-        fail(&mut b, t0);
-        fail(&mut b, t0);
-        assert!(b.backoff_until(t0).is_none(), "below threshold");
-        assert_eq!(b.plan(t0).create, 2);
-        fail(&mut b, t0);
-        assert_eq!(b.backoff_until(t0), Some(t0 + Duration::from_millis(500)));
-        assert_eq!(b.plan(t0).create, 0);
-        assert_eq!(b.plan(t0 + Duration::from_millis(500)).create, 2);
-        let mut at = t0 + Duration::from_millis(500);
+        fail(&mut b, T0);
+        fail(&mut b, T0);
+        assert!(b.backoff_until(T0).is_none(), "below threshold");
+        assert_eq!(b.plan(T0).create, 2);
+        fail(&mut b, T0);
+        assert_eq!(b.backoff_until(T0), Some(T0 + 500));
+        assert_eq!(b.plan(T0).create, 0);
+        assert_eq!(b.plan(T0 + 500).create, 2);
+        let mut at = T0 + 500;
         let mut seen = Vec::new();
         for _ in 0..5 {
             fail(&mut b, at);
@@ -478,10 +521,7 @@ mod tests {
             seen.push(until - at);
             at = until;
         }
-        assert_eq!(
-            seen,
-            [1000, 2000, 4000, 4000, 4000].map(Duration::from_millis)
-        );
+        assert_eq!(seen, [1000, 2000, 4000, 4000, 4000]);
         assert_eq!(b.stats().refill_failures, 8);
         b.creation_started();
         b.creation_finished(true, at);
@@ -508,18 +548,17 @@ mod tests {
             let target = rnd(u64::from(max) + 1) as u32;
             let min = rnd(u64::from(target) + 1) as u32;
             let ttl = 1 + rnd(20);
-            let mut b = PoolBook::new(sizing(min, target, max, ttl), settings());
-            let t0 = Instant::now();
-            let mut now = t0;
+            let mut b = book(sizing(min, target, max, ttl));
+            let mut now = T0;
             let mut next_id = 0u32;
-            let mut warm_since: std::collections::HashMap<String, Instant> = Default::default();
+            let mut warm_since: std::collections::HashMap<String, u64> = Default::default();
             for _ in 0..300 {
-                now += Duration::from_millis(rnd(3000));
+                now += rnd(3000);
                 match rnd(6) {
                     0 | 1 => {
                         let p = b.plan(now);
                         for id in &p.evict {
-                            warm_since.remove(id);
+                            assert!(warm_since.remove(id).is_some(), "evicted unknown {id}");
                         }
                         let have = b.warm_count() + b.in_flight();
                         assert!(have + p.create <= max, "round {round}: exceeds max");
@@ -528,13 +567,10 @@ mod tests {
                             "round {round}: exceeds target"
                         );
                         assert!(p.urgent <= p.create);
-                        assert!(b.warm_count() <= max);
+                        assert!(b.warm_count() <= max, "round {round}: warm above max");
                         for id in b.warm_ids() {
-                            let age = now.duration_since(warm_since[&id]);
-                            assert!(
-                                age < Duration::from_secs(ttl),
-                                "round {round}: expired kept"
-                            );
+                            let age = now - warm_since[&id];
+                            assert!(age < ttl * 1000, "round {round}: expired kept");
                         }
                         for _ in 0..p.create {
                             b.creation_started();
@@ -546,14 +582,13 @@ mod tests {
                         if ok {
                             next_id += 1;
                             let id = format!("i{next_id}");
-                            if b.add_warm(id.clone(), now) {
-                                warm_since.insert(id, now);
-                            }
+                            assert!(b.add_warm(id.clone(), now));
+                            warm_since.insert(id, now);
                         }
                     }
                     3 => {
                         if let Some(id) = b.claim() {
-                            warm_since.remove(&id);
+                            assert!(warm_since.remove(&id).is_some());
                         }
                     }
                     4 => {
@@ -564,6 +599,11 @@ mod tests {
                     }
                     _ => {}
                 }
+                // In-flight creations reserve room, so landing them never overfills.
+                assert!(
+                    b.warm_count() + b.in_flight() <= max.max(b.warm_count()),
+                    "round {round}"
+                );
                 assert!(b.warm_count() <= max, "round {round}: warm above max");
                 assert_eq!(b.warm_count() as usize, warm_since.len());
             }

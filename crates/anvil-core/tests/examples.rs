@@ -95,7 +95,7 @@ fn agent_rl_policy() {
     let p = load_policy("policies/agent-rl.toml");
     assert_eq!(p.policy_name, "agent-rl-default");
     assert_eq!(p.priority, 100);
-    assert_eq!(p.match_.workload_class, ["agent-rl"]);
+    assert_eq!(p.matches.workload_class, ["agent-rl"]);
     assert_eq!(
         p.select.backend_priority,
         [BackendKind::Firecracker, BackendKind::Bubblewrap]
@@ -129,7 +129,7 @@ fn agent_tool_policy() {
     assert_eq!(p.policy_name, "agent-tool-default");
     assert_eq!(p.priority, 90);
     assert_eq!(
-        p.match_.workload_class,
+        p.matches.workload_class,
         [
             "agent-tool",
             "dev-shell",
