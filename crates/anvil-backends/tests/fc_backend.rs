@@ -351,3 +351,33 @@ async fn guest_that_never_gets_ready_times_out_and_is_cleaned_up() {
         String::from_utf8_lossy(&leftovers.stdout)
     );
 }
+
+#[tokio::test]
+async fn agent_probe_waits_on_the_vsock_ready_socket_and_cleans_up_on_timeout() {
+    require_firecracker!();
+    // The test guest has no vsock driver, so its agent never says ready: the backend must
+    // have listened on <vsock_uds>_1025, time out, and remove everything.
+    let env = Env::new(false);
+    let mut cfg = env.backend.config().clone();
+    cfg.ready_probe = anvil_backends::firecracker::ReadyProbe::Agent;
+    cfg.ready_timeout = Duration::from_millis(500);
+    let backend = anvil_backends::firecracker::FirecrackerBackend::new(cfg).unwrap();
+    let mut spec = env.spec("agentwait", env.template());
+    spec.vm.as_mut().unwrap().enable_vsock = false; // forced on by the Agent probe
+    let err = backend.create(&spec).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("v.sock_1025"), "{msg}");
+    assert!(!spec.instance_dir.exists());
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", "fc.sock --id agentwait"])
+        .output()
+        .unwrap();
+    assert!(left.stdout.is_empty(), "firecracker left running");
+    for ctrl in ["memory", "pids"] {
+        assert!(!std::path::Path::new(&format!(
+            "/sys/fs/cgroup/{ctrl}/{CGROUP_ROOT}/{}",
+            spec.cgroup_name
+        ))
+        .exists());
+    }
+}
