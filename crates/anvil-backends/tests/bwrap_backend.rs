@@ -581,7 +581,7 @@ async fn pause_stops_a_counter_and_resume_restarts_it() {
     let spec = w.spec(1, Quota::default());
     let rt = w.create(&spec).await;
     let d = data(&rt);
-    w.sh(&rt, "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/counter; usleep 20000; done' </dev/null >/dev/null 2>&1 &").await;
+    w.sh(&rt, "setsid sh -c 'i=0; while true; do i=$((i+1)); echo $i > /root/c.tmp; mv /root/c.tmp /root/counter; usleep 20000; done' </dev/null >/dev/null 2>&1 &").await;
     let counter = d.upper.join("root/counter");
     let read = || {
         std::fs::read_to_string(&counter)
@@ -589,8 +589,12 @@ async fn pause_stops_a_counter_and_resume_restarts_it() {
             .and_then(|s| s.trim().parse::<u64>().ok())
             .unwrap_or(0)
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(read() > 0, "counter not running");
+    // The file is replaced by rename, so a read never sees it half-written.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while read() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(read() >= 3, "counter not running");
 
     w.backend.pause(&rt).await.unwrap();
     if d.cgroup.v1.contains_key("freezer") {
