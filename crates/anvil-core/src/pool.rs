@@ -5,8 +5,11 @@
 //! restart through the store.
 //!
 //! Rules: a pool pre-warms to `target` counting creations in flight, never holds more than
-//! `max`, destroys warm instances older than `warm_ttl`, and after `failure_threshold`
-//! consecutive failed creations backs off exponentially (initial .. max) until one succeeds.
+//! `max`, and replaces warm instances older than `warm_ttl`. `min` is the floor: expired
+//! instances that keep the pool at `min` stay claimable until their replacements are warm
+//! (make before break, when `max` leaves room), and `PoolPlan::urgent` says how many creations
+//! are needed to get back to `min`. After `failure_threshold` consecutive failed creations a
+//! pool backs off exponentially (initial .. max) until one succeeds.
 
 use crate::backend::BackendKind;
 use crate::config::PoolSection;
@@ -127,9 +130,13 @@ pub struct PoolPlan {
     pub create: u32,
     /// How many of `create` are needed to get back to `min` (refill these first).
     pub urgent: u32,
-    /// Warm instances to destroy (expired, above `max`, or the pool is disabled). They are
-    /// already removed from the book and cannot be claimed.
+    /// Warm instances to destroy (expired and not needed for the `min` floor, above `max`, or
+    /// the pool is disabled). They are already removed from the book and cannot be claimed.
     pub evict: Vec<String>,
+}
+
+fn clamp_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,7 +290,7 @@ impl PoolBook {
     }
 
     pub fn warm_count(&self) -> u32 {
-        u32::try_from(self.warm.len()).unwrap_or(u32::MAX)
+        clamp_u32(self.warm.len())
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -311,32 +318,49 @@ impl PoolBook {
                 evict,
             };
         }
-        let ttl = self.sizing.warm_ttl_ms();
-        self.warm.retain(|w| {
-            let expired = now_ms.saturating_sub(w.since_ms) >= ttl;
-            if expired {
-                evict.push(w.id.clone());
-            }
-            !expired
-        });
         while self.warm.len() > self.sizing.max as usize {
             match self.warm.pop_front() {
                 Some(w) => evict.push(w.id),
                 None => break,
             }
         }
+        // `warm` is oldest first, so the expired ones are a prefix.
+        let ttl = self.sizing.warm_ttl_ms();
+        let expired = self
+            .warm
+            .partition_point(|w| now_ms.saturating_sub(w.since_ms) >= ttl);
+        let fresh = clamp_u32(self.warm.len() - expired);
+        let have_fresh = fresh.saturating_add(self.in_flight);
+        let need = self.sizing.target.saturating_sub(have_fresh);
+        // Make before break for the floor: up to `min` expired instances stay claimable until
+        // replacements are warm, if that leaves room under `max` for those replacements.
+        let room = self
+            .sizing
+            .max
+            .saturating_sub(have_fresh.saturating_add(need));
+        let keep = self
+            .sizing
+            .min
+            .saturating_sub(fresh)
+            .min(clamp_u32(expired))
+            .min(room) as usize;
+        for _ in 0..expired - keep {
+            if let Some(w) = self.warm.pop_front() {
+                evict.push(w.id);
+            }
+        }
         self.evicted += evict.len() as u64;
 
-        let have = self.warm_count().saturating_add(self.in_flight);
+        let cap = self
+            .sizing
+            .max
+            .saturating_sub(self.warm_count().saturating_add(self.in_flight));
         let create = if self.backoff_until(now_ms).is_some() {
             0
         } else {
-            self.sizing
-                .target
-                .saturating_sub(have)
-                .min(self.sizing.max.saturating_sub(have))
+            need.min(cap)
         };
-        let urgent = self.sizing.min.saturating_sub(have).min(create);
+        let urgent = self.sizing.min.saturating_sub(have_fresh).min(create);
         PoolPlan {
             create,
             urgent,
@@ -499,6 +523,47 @@ mod tests {
     }
 
     #[test]
+    fn min_floor_is_make_before_break() {
+        let mut b = book(sizing(2, 3, 5, 10));
+        for id in ["a", "b", "c"] {
+            b.add_warm(id, T0);
+        }
+        let now = T0 + 11_000;
+        let p = b.plan(now);
+        assert_eq!(p.evict, vec!["a"], "two expired stay to hold min");
+        assert_eq!((p.create, p.urgent), (3, 2));
+        for _ in 0..3 {
+            b.creation_started();
+        }
+        let p = b.plan(now);
+        assert!(p.evict.is_empty() && p.create == 0);
+        // Kept instances are still claimable, oldest first.
+        assert_eq!(b.warm_ids(), vec!["b", "c"]);
+        b.creation_finished(true, now);
+        b.add_warm("x", now);
+        assert_eq!(b.plan(now).evict, vec!["b"]);
+        b.creation_finished(true, now);
+        b.add_warm("y", now);
+        assert_eq!(b.plan(now).evict, vec!["c"]);
+        b.creation_finished(true, now);
+        b.add_warm("z", now);
+        let p = b.plan(now);
+        assert!(p.evict.is_empty() && p.create == 0);
+        assert_eq!(b.warm_ids(), vec!["x", "y", "z"]);
+        assert_eq!(b.stats().evict_count, 3);
+    }
+
+    #[test]
+    fn min_floor_yields_when_max_leaves_no_room() {
+        let mut b = book(sizing(2, 2, 2, 10));
+        b.add_warm("a", T0);
+        b.add_warm("b", T0);
+        let p = b.plan(T0 + 10_000);
+        assert_eq!(p.evict, vec!["a", "b"]);
+        assert_eq!(p.create, 2);
+    }
+
+    #[test]
     fn backoff_after_threshold_doubles_to_max_and_resets() {
         let mut b = book(sizing(0, 2, 2, 60));
         let fail = |b: &mut PoolBook, at: u64| {
@@ -562,16 +627,24 @@ mod tests {
                         }
                         let have = b.warm_count() + b.in_flight();
                         assert!(have + p.create <= max, "round {round}: exceeds max");
+                        let expired = b
+                            .warm_ids()
+                            .iter()
+                            .filter(|id| now - warm_since[*id] >= ttl * 1000)
+                            .count() as u32;
+                        let fresh = b.warm_count() - expired;
+                        let have_fresh = fresh + b.in_flight();
                         assert!(
-                            have + p.create <= target.max(have),
+                            have_fresh + p.create <= target.max(have_fresh),
                             "round {round}: exceeds target"
+                        );
+                        // Expired instances stay only to hold the floor.
+                        assert!(
+                            expired <= min.saturating_sub(fresh),
+                            "round {round}: expired kept above min"
                         );
                         assert!(p.urgent <= p.create);
                         assert!(b.warm_count() <= max, "round {round}: warm above max");
-                        for id in b.warm_ids() {
-                            let age = now - warm_since[&id];
-                            assert!(age < ttl * 1000, "round {round}: expired kept");
-                        }
                         for _ in 0..p.create {
                             b.creation_started();
                         }
