@@ -77,9 +77,24 @@ pub fn mount_overlay(
 /// Unmounts `target`; falls back to a lazy detach if it is busy. Idempotent: a target that
 /// is not mounted (or does not exist) is fine.
 pub fn unmount(target: &Path) -> Result<(), MountError> {
-    if !is_mounted(target)? {
-        return Ok(());
+    // Loop: a crash between two mounts can leave the same target mounted more than once.
+    for _ in 0..8 {
+        if !is_mounted(target)? {
+            return Ok(());
+        }
+        unmount_once(target)?;
     }
+    if is_mounted(target)? {
+        return Err(MountError::Sys {
+            op: "umount (still mounted after repeated unmounts)",
+            target: target.display().to_string(),
+            errno: Errno::EBUSY,
+        });
+    }
+    Ok(())
+}
+
+fn unmount_once(target: &Path) -> Result<(), MountError> {
     match nix::mount::umount2(target, MntFlags::empty()) {
         Ok(()) => Ok(()),
         Err(Errno::EINVAL | Errno::ENOENT) => Ok(()),

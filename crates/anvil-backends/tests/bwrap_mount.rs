@@ -86,3 +86,23 @@ fn overlay_copy_preserves_whiteouts_and_opaque_dirs() {
     unmount(&m2).unwrap();
     assert!(mounts_under(d.path()).unwrap().is_empty());
 }
+
+#[test]
+fn stacked_mounts_are_all_unmounted() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP: overlay mounts need root");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let p = |s: &str| d.path().join(s);
+    for s in ["lower", "u1", "w1", "u2", "w2", "merged"] {
+        fs::create_dir_all(p(s)).unwrap();
+    }
+    let m = p("merged");
+    let _guard = Unmount(vec![&m, &m]);
+    mount_overlay(&p("lower"), &p("u1"), &p("w1"), &m).unwrap();
+    mount_overlay(&p("lower"), &p("u2"), &p("w2"), &m).unwrap();
+    assert_eq!(mounts_under(d.path()).unwrap().len(), 2);
+    unmount(&m).unwrap();
+    assert!(mounts_under(d.path()).unwrap().is_empty());
+}

@@ -170,9 +170,13 @@ impl BubblewrapBackend {
         start_time: Option<u64>,
     ) -> Result<(), BackendError> {
         // Open the pidfd before killing so the pid cannot be reused under us.
-        let pidfd = match pid {
-            Some(pid) => Pidfd::open(pid, start_time)
-                .map_err(|e| BackendError::io(format!("pidfd_open {pid}"), e))?,
+        let pidfd = match pid.map(|p| (p, Pidfd::open(p, start_time))) {
+            Some((_, Ok(fd))) => fd,
+            // Killing the cgroup below still stops it; only the wait for it is lost.
+            Some((p, Err(e))) => {
+                tracing::warn!(pid = p, error = %e, "pidfd_open failed");
+                None
+            }
             None => None,
         };
         let cg = data.cgroup.clone();
