@@ -123,6 +123,13 @@ pub trait Backend: Send + Sync + 'static {
     /// time)? If not, the backend cleans up what is left and returns false.
     async fn adopt(&self, rt: &Runtime) -> Result<bool, BackendError>;
 
+    /// Prepares what a template needs on this backend before it can serve (a VM boot
+    /// snapshot), writing into `dir`. Returns the snapshot directory if one was made. The
+    /// default has nothing to prepare.
+    async fn prepare_template(&self, _template: &TemplateFiles, _vm: &VmSpec, _dir: &Path) -> Result<Option<std::path::PathBuf>, BackendError> {
+        Ok(None)
+    }
+
     /// Files in the sandbox for backends without an agent (mock); the default says unsupported.
     async fn read_file(&self, _rt: &Runtime, _path: &str) -> Result<Vec<u8>, BackendError> {
         Err(BackendError::Unsupported { backend: self.kind(), op: "files" })

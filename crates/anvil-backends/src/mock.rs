@@ -280,11 +280,17 @@ impl Backend for MockBackend {
 /// A kind anvil knows by name but has no implementation of in this build.
 pub struct Unimplemented {
     kind: BackendKind,
+    reason: String,
 }
 
 impl Unimplemented {
     pub fn new(kind: BackendKind, _binary: PathBuf) -> Self {
-        Unimplemented { kind }
+        Unimplemented { kind, reason: format!("backend {kind} has no implementation in this build of anvil") }
+    }
+
+    /// A backend whose construction failed: it probes unavailable with that reason.
+    pub fn broken(kind: BackendKind, reason: String) -> Self {
+        Unimplemented { kind, reason }
     }
 
     fn unsupported(&self, op: &'static str) -> BackendError {
@@ -301,7 +307,7 @@ impl Backend for Unimplemented {
         Capabilities::default()
     }
     async fn probe(&self) -> Probe {
-        Probe::unavailable(format!("backend {} has no implementation in this build of anvil", self.kind))
+        Probe::unavailable(self.reason.clone())
     }
     async fn create(&self, _spec: &InstanceSpec) -> Result<Runtime, BackendError> {
         Err(self.unsupported("create"))

@@ -39,6 +39,10 @@ pub fn construct(kind: BackendKind, settings: &BackendSettings) -> Arc<dyn Backe
             cgroups: crate::cgroup::CgroupConfig { root_name: settings.cgroup_root.clone(), base: None },
             ready_timeout: settings.ready_timeout,
         })),
+        BackendKind::Firecracker => match crate::firecracker::FirecrackerBackend::from_settings(settings) {
+            Ok(b) => Arc::new(b),
+            Err(e) => Arc::new(crate::mock::Unimplemented::broken(BackendKind::Firecracker, e.to_string())),
+        },
         other => Arc::new(crate::mock::Unimplemented::new(other, settings.binary.clone())),
     }
 }

@@ -35,6 +35,10 @@ pub struct TemplateFiles {
     pub initramfs: Option<PathBuf>,
     /// Directory holding a boot snapshot (VM backends).
     pub snapshot_dir: Option<PathBuf>,
+    /// VM guests without an agent (the test guest): ready when this line appears on the
+    /// serial console, instead of the agent's vsock `ready`.
+    #[serde(default)]
+    pub ready_marker: Option<String>,
 }
 
 /// Everything a backend needs to create (or re-create) one sandbox.

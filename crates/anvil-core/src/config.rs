@@ -323,6 +323,17 @@ pub struct TemplateSection {
     pub default: Option<String>,
     /// How long a new sandbox's agent has to report ready.
     pub ready_timeout: DurationValue,
+    /// Templates imported at start when no template of that name exists yet
+    /// (`[[template.preload]] name = "busybox"` + `rootfs_dir = "..."`).
+    pub preload: Vec<TemplatePreload>,
+}
+
+/// One `[[template.preload]]` entry: a rootfs directory registered under `name` at start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatePreload {
+    pub name: String,
+    pub rootfs_dir: PathBuf,
 }
 
 impl Default for TemplateSection {
@@ -330,6 +341,7 @@ impl Default for TemplateSection {
         TemplateSection {
             default: None,
             ready_timeout: DurationValue::secs(10),
+            preload: Vec::new(),
         }
     }
 }
@@ -454,6 +466,9 @@ impl Config {
         resolve(base, &mut self.policy.dir);
         resolve_opt(base, &mut self.storage.images_dir);
         resolve_opt(base, &mut self.storage.templates_dir);
+        for p in &mut self.template.preload {
+            resolve(base, &mut p.rootfs_dir);
+        }
     }
 
     fn origin_for_errors(&self) -> PathBuf {
@@ -574,6 +589,10 @@ impl Config {
         }
         if self.template.ready_timeout.0.is_zero() {
             return Err(self.invalid("template.ready_timeout", "must be greater than 0"));
+        }
+        for (i, p) in self.template.preload.iter().enumerate() {
+            crate::template::validate_template_name(&p.name)
+                .map_err(|e| self.invalid(&format!("template.preload[{i}].name"), e))?;
         }
 
         let lim = &self.limits;

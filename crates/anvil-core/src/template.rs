@@ -94,6 +94,9 @@ pub struct TemplateRecord {
     /// Boot snapshot (memory + VM state) taken once the agent was ready.
     #[schema(value_type = Option<String>)]
     pub snapshot_dir: Option<PathBuf>,
+    /// For VM guests without an agent: ready when this serial line appears.
+    #[serde(default)]
+    pub ready_marker: Option<String>,
     pub status: TemplateStatus,
     /// RFC 3339 timestamp.
     pub created_at: String,
@@ -265,6 +268,7 @@ mod tests {
             kernel: None,
             initramfs: None,
             snapshot_dir: None,
+            ready_marker: None,
             status: TemplateStatus::Ready,
             created_at: "2025-01-01T00:00:00Z".into(),
             size_bytes: 42,

@@ -303,6 +303,14 @@ pub struct TemplateRequest {
     pub rootfs_image: Option<String>,
     #[serde(default)]
     pub backend_hint: Option<BackendKind>,
+    /// VM guests without an agent (e.g. the test guest): ready when this serial line appears.
+    #[serde(default)]
+    pub ready_marker: Option<String>,
+    /// VM shape of the boot snapshot (default 1 vCPU, 128 MiB).
+    #[serde(default)]
+    pub vcpus: Option<u32>,
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -67,6 +67,7 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> Result<(), Str
             return Err(e);
         }
     };
+    m.preload_templates().await;
     tokio::spawn(m.clone().run_pools());
     tokio::spawn(m.clone().run_reaper());
     m.wake_pools.notify_one();

@@ -149,6 +149,14 @@ impl Manager {
         let me = self.clone();
         let name = req.name.clone();
         let backend_hint = req.backend_hint;
+        let ready_marker = req.ready_marker.clone();
+        let vm = anvil_backends::VmSpec {
+            vcpus: req.vcpus.unwrap_or(1),
+            memory_bytes: req.memory_mib.unwrap_or(128) << 20,
+            boot_args: None,
+            enable_vsock: ready_marker.is_none(),
+            serial_log: false,
+        };
         let built = tokio::task::spawn_blocking(move || -> Result<TemplateRecord, String> {
             std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
             let root = dir.join("rootfs");
@@ -191,6 +199,7 @@ impl Manager {
                 kernel,
                 initramfs,
                 snapshot_dir: None,
+                ready_marker,
                 status: TemplateStatus::Ready,
                 created_at: rfc3339(now_ms()),
             })
@@ -198,13 +207,14 @@ impl Manager {
         .await
         .map_err(OpError::internal)?;
         let dir = me.cfg.storage_templates_dir().join(&id);
-        let rec = match built {
+        let mut rec = match built {
             Ok(r) => r,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(OpError::Unprocessable { code: "template_import_failed", message: e, instance_id: None });
             }
         };
+        me.prepare_vm_template(&mut rec, &vm, &dir).await;
         if let Err(e) = me.store.put_template(&rec) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(OpError::internal(e));
@@ -217,6 +227,54 @@ impl Manager {
         info!(template = %rec.name, id = %rec.id, digest = %rec.image_digest, "template imported");
         me.wake_pools.notify_one();
         Ok(rec)
+    }
+
+    /// A VM template gets its boot snapshot from the Firecracker backend. If that fails, the
+    /// template is marked failed with the reason: the selector then treats firecracker as
+    /// unavailable for it, while a namespace backend can still use its rootfs directory.
+    async fn prepare_vm_template(&self, rec: &mut TemplateRecord, vm: &anvil_backends::VmSpec, dir: &Path) {
+        if rec.kernel.is_none() {
+            return;
+        }
+        let Some(fc) = self.registry.get(anvil_core::backend::BackendKind::Firecracker) else { return };
+        let files = crate::manager::template_files(rec);
+        match fc.prepare_template(&files, vm, dir).await {
+            Ok(snap) => {
+                rec.snapshot_dir = snap;
+                info!(template = %rec.name, "VM boot snapshot prepared");
+            }
+            Err(e) => {
+                tracing::warn!(template = %rec.name, error = %e, "VM boot snapshot failed; template marked failed for firecracker");
+                rec.status = TemplateStatus::Failed { reason: format!("boot snapshot: {e}") };
+            }
+        }
+        rec.size_bytes = dir_size(dir);
+    }
+
+    /// Imports each `[[template.preload]]` whose name is not registered yet. A failure is
+    /// logged and leaves the daemon running (other templates and backends still serve).
+    pub async fn preload_templates(self: &Arc<Self>) {
+        for p in self.cfg.template.preload.clone() {
+            if self.find_template(&p.name).is_some() {
+                continue;
+            }
+            let req = TemplateRequest {
+                name: p.name.clone(),
+                rootfs_dir: Some(p.rootfs_dir.to_string_lossy().into_owned()),
+                rootfs_tar: None,
+                kernel: None,
+                initramfs: None,
+                rootfs_image: None,
+                backend_hint: None,
+                ready_marker: None,
+                vcpus: None,
+                memory_mib: None,
+            };
+            match self.import_template(req).await {
+                Ok(t) => info!(template = %t.name, id = %t.id, "preloaded template"),
+                Err(e) => tracing::error!(template = %p.name, rootfs_dir = %p.rootfs_dir.display(), error = %e, "[[template.preload]] failed (build it with scripts/setup.sh)"),
+            }
+        }
     }
 
     /// Template ids referenced by live instances or by checkpoints.

@@ -300,13 +300,14 @@ impl FirecrackerBackend {
         source: Source<'_>,
     ) -> Result<Runtime, BackendError> {
         let t0 = Instant::now();
+        let probe = &self.probe_for(&spec.template);
         let vm = Self::vm_spec(spec);
         let meta = match source {
             Source::Snapshot(dir) => Some(self.check_snapshot(dir)?),
             Source::Boot(_) => None,
         };
         let vsock = meta.as_ref().map_or(
-            vm.enable_vsock || self.cfg.ready_probe == ReadyProbe::Agent,
+            vm.enable_vsock || *probe == ReadyProbe::Agent,
             |m| m.vsock,
         );
         let vmm_id = layout::vmm_id(&spec.id);
@@ -329,7 +330,7 @@ impl FirecrackerBackend {
             )
         };
         let want_console =
-            vm.serial_log || matches!(self.cfg.ready_probe, ReadyProbe::SerialMarker(_));
+            vm.serial_log || matches!(probe, ReadyProbe::SerialMarker(_));
         let mut fc = FcRuntime {
             instance_dir: spec.instance_dir.clone(),
             vm_dir: vm_dir.host.clone(),
@@ -370,6 +371,14 @@ impl FirecrackerBackend {
         }
     }
 
+    /// The template's serial marker (guests without an agent) or the configured probe.
+    fn probe_for(&self, t: &TemplateFiles) -> ReadyProbe {
+        match &t.ready_marker {
+            Some(m) => ReadyProbe::SerialMarker(m.clone()),
+            None => self.cfg.ready_probe.clone(),
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn launch_inner(
         &self,
@@ -382,6 +391,7 @@ impl FirecrackerBackend {
         pid_out: &mut Option<(i32, Option<u64>)>,
     ) -> Result<(i32, u64), BackendError> {
         let io = |what: String| move |e| BackendError::io(what, e);
+        let probe = &self.probe_for(&spec.template);
         std::fs::create_dir_all(&spec.instance_dir)
             .map_err(io(format!("create {}", spec.instance_dir.display())))?;
         if let Some(jail) = &fc.jail_dir {
@@ -485,7 +495,7 @@ impl FirecrackerBackend {
             None => None,
         };
         // The ready listener must exist before the guest can connect.
-        let ready = match (&self.cfg.ready_probe, &source, &fc.vsock_uds) {
+        let ready = match (probe, &source, &fc.vsock_uds) {
             (ReadyProbe::Agent, Source::Boot(_), Some(uds)) => Some(ReadyListener::bind(
                 &PathBuf::from(format!("{}_{READY_VSOCK_PORT}", uds.display())),
             )?),
@@ -579,7 +589,7 @@ impl FirecrackerBackend {
                 }
                 let console_offset = fc.console_log.as_ref().map_or(0, |p| file_len(p));
                 api.instance_start().await.map_err(api_err)?;
-                match (&self.cfg.ready_probe, ready) {
+                match (probe, ready) {
                     (ReadyProbe::Agent, Some(listener)) => {
                         tokio::select! {
                             r = listener.wait(self.cfg.ready_timeout) => { r?; }
@@ -588,7 +598,7 @@ impl FirecrackerBackend {
                     }
                     (ReadyProbe::SerialMarker(marker), _) => {
                         let log = fc.console_log.clone().unwrap_or_default();
-                        let mut scan = MarkerScan::new(&log, marker, console_offset);
+                        let mut scan = MarkerScan::new(&log, marker.as_str(), console_offset);
                         watch::wait_in_dir(
                             &spec.instance_dir,
                             self.cfg.ready_timeout,
@@ -613,7 +623,7 @@ impl FirecrackerBackend {
                         info.state
                     )));
                 }
-                if let (ReadyProbe::Agent, Some(uds)) = (&self.cfg.ready_probe, &fc.vsock_uds) {
+                if let (ReadyProbe::Agent, Some(uds)) = (probe, &fc.vsock_uds) {
                     let ep = AgentEndpoint::Vsock {
                         uds: uds.clone(),
                         port: AGENT_VSOCK_PORT,
@@ -845,6 +855,15 @@ impl FirecrackerBackend {
 
 #[async_trait]
 impl Backend for FirecrackerBackend {
+    async fn prepare_template(&self, template: &TemplateFiles, vm: &VmSpec, dir: &Path) -> Result<Option<PathBuf>, BackendError> {
+        if template.kernel.is_none() {
+            return Ok(None);
+        }
+        let out = dir.join("snapshot");
+        self.prepare_snapshot(template, vm, &dir.join("snapshot-work"), &out).await?;
+        Ok(Some(out))
+    }
+
     fn kind(&self) -> BackendKind {
         BackendKind::Firecracker
     }

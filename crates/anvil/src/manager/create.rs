@@ -114,6 +114,8 @@ impl Manager {
         };
         match &t.status {
             TemplateStatus::Ready => {}
+            // A failed VM snapshot only rules out VM backends; the rootfs still serves others.
+            TemplateStatus::Failed { .. } if kind != BackendKind::Firecracker && t.rootfs_dir.is_some() => {}
             TemplateStatus::Failed { reason } => return Err(format!("template `{}` failed: {reason}", t.name)),
             TemplateStatus::Building => return Err(format!("template `{}` is still building", t.name)),
         }
@@ -522,7 +524,7 @@ fn set_ttl(rec: &mut InstanceRecord, ttl: Option<u64>) {
     rec.instance.expires_at = rec.expires_at_ms.map(rfc3339);
 }
 
-pub(crate) fn template_files(t: &TemplateRecord) -> TemplateFiles {
+pub fn template_files(t: &TemplateRecord) -> TemplateFiles {
     TemplateFiles {
         id: t.id.clone(),
         rootfs_dir: t.rootfs_dir.clone(),
@@ -530,5 +532,6 @@ pub(crate) fn template_files(t: &TemplateRecord) -> TemplateFiles {
         kernel: t.kernel.clone(),
         initramfs: t.initramfs.clone(),
         snapshot_dir: t.snapshot_dir.clone(),
+        ready_marker: t.ready_marker.clone(),
     }
 }

@@ -17,6 +17,7 @@ pub mod recovery_helpers {
 }
 mod reaper;
 
+pub use create::template_files;
 pub use error::OpError;
 
 use crate::metrics::{Metrics, ReasonLabels};

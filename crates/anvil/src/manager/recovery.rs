@@ -49,6 +49,23 @@ pub fn backend_settings(cfg: &Config, kind: anvil_core::backend::BackendKind) ->
     }
 }
 
+/// `[cgroup].mode`: `auto` takes what the host has; `v1`/`v2` insist on it and refuse to start
+/// on a host without it (a hybrid host has v1 controllers).
+fn check_cgroup_mode(cfg: &Config) -> Result<(), String> {
+    let host = crate::util::cgroup_mode();
+    let wanted = cfg.cgroup.mode.as_str();
+    let ok = match wanted {
+        "v1" => matches!(host, "v1" | "hybrid"),
+        "v2" => host == "v2",
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("[cgroup].mode = \"{wanted}\" but this host's cgroup layout is {host}"))
+    }
+}
+
 /// Builds the registry of every configured backend, probed.
 pub async fn build_registry(cfg: &Config) -> Registry {
     let backends = cfg.backends.configured().map(|k| construct(k, &backend_settings(cfg, k))).collect();
@@ -59,6 +76,7 @@ impl Manager {
     /// Builds the manager: state dirs, store, policies, backends; then re-adopts what the
     /// store says is alive.
     pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Arc<Manager>, String> {
+        check_cgroup_mode(&cfg)?;
         let state_dir = cfg.daemon.state_dir.clone();
         for d in [state_dir.clone(), state_dir.join("instances"), state_dir.join("checkpoints"), cfg.storage_templates_dir()] {
             std::fs::create_dir_all(&d).map_err(|e| format!("cannot create state directory {}: {e}", d.display()))?;
