@@ -63,7 +63,7 @@ pub enum AgentError {
     },
     #[error("agent {op} did not complete within {after:?}")]
     Timeout { op: &'static str, after: Duration },
-    #[error("agent did not report ready within {waited:?} (listening on {})", path.display())]
+    #[error("agent did not report ready within {} ms (listening on {})", waited.as_millis(), path.display())]
     ReadyTimeout { path: PathBuf, waited: Duration },
     #[error("cannot bind ready socket {}: {source}", path.display())]
     Bind {
