@@ -17,6 +17,10 @@ impl std::fmt::Display for Addr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Addr::Unix(p) => write!(f, "unix:{}", p.display()),
+            Addr::Vsock {
+                cid: u32::MAX,
+                port,
+            } => write!(f, "vsock:{port}"),
             Addr::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
         }
     }

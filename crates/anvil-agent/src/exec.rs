@@ -49,10 +49,16 @@ pub fn run(s: &Arc<Session>, ctx: &Arc<Ctx>, req: ExecRequest) {
     if let Some(cwd) = &req.cwd {
         cmd.current_dir(cwd);
     }
-    // SAFETY: setsid is async-signal-safe. Its own session/process group lets a timeout or
-    // a cancel kill everything the command started.
+    // SAFETY: setsid and signal are async-signal-safe. Its own session/process group lets a
+    // timeout or a cancel kill everything the command started; default dispositions undo
+    // whatever was ignored by whoever started the agent.
     unsafe {
         cmd.pre_exec(|| {
+            for sig in 1..32 {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
             if libc::setsid() < 0 {
                 Err(std::io::Error::last_os_error())
             } else {
