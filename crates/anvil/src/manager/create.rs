@@ -349,7 +349,9 @@ impl Manager {
         }
 
         let id = req.id.clone().unwrap_or_else(new_instance_id);
-        let start_path = if fork.is_some() { StartPath::Restore } else { StartPath::Cold };
+        // A fork, or a VM made from its template's boot snapshot, is a restore.
+        let from_snapshot = r.template.as_ref().is_some_and(|t| t.snapshot_dir.is_some()) && r.backend == BackendKind::Firecracker;
+        let start_path = if fork.is_some() || from_snapshot { StartPath::Restore } else { StartPath::Cold };
         let spec = self.build_spec(&id, &r, fork.as_ref());
         let mut rec = self.new_record(&id, &r, spec, start_path, &req.workload_class);
         rec.instance.labels = req.labels.clone();

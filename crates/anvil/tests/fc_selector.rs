@@ -1,0 +1,206 @@
+//! Backend selection with real backends (issue: Firecracker, acceptance 3): both backends
+//! configured with the policy order reversed, the firecracker binary missing, a firecracker
+//! template whose boot snapshot failed. Each case checks the decision's reasons and that the
+//! instance really runs under the backend it is recorded under (its process on the host).
+mod common;
+use common::*;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+const FC: &str = "/usr/local/bin/firecracker";
+const MARKER: &str = "ANVIL-TEST-GUEST-READY";
+
+fn policy(name: &str, prio: i64, class: &str, order: &str, template: &str) -> (String, String) {
+    (
+        format!("{name}.toml"),
+        format!(
+            "manifest_version = 1\npolicy_name = \"{name}\"\npriority = {prio}\n[match]\nworkload_class = [\"{class}\"]\n[select]\nbackend_priority = [{order}]\ntemplates = [\"{template}\"]\nfallback_on_missing_hook = \"continue\"\n[pool]\nenabled = false\nreset_mode = \"full-recreate\"\n"
+        ),
+    )
+}
+
+fn skip_reason() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("needs root".into());
+    }
+    if !Path::new("/usr/bin/bwrap").exists() {
+        return Some("bwrap missing (scripts/setup.sh installs it)".into());
+    }
+    if agent_binary().is_none() {
+        return Some("static agent missing (scripts/build-agent.sh)".into());
+    }
+    None
+}
+
+fn fc_skip_reason() -> Option<String> {
+    if !Path::new(FC).exists() {
+        return Some(format!("{FC} missing (scripts/install-firecracker.sh)"));
+    }
+    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        return Some("/dev/kvm not usable".into());
+    }
+    None
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The busybox rootfs and the test guest, built by the project's scripts.
+fn assets(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let rootfs = dir.join("busybox");
+    let out = std::process::Command::new(repo().join("scripts/build-busybox-template.sh")).arg(&rootfs).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(repo().join("guest/test-guest/build.sh")).arg(dir.join("guest")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let kernel = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    (rootfs, kernel, image)
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_with(needle: &str) -> Vec<(i32, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            out.push((pid, cmd));
+        }
+    }
+    out
+}
+
+/// Names (comm) of the processes in the instance's cgroup (each sandbox has its own, named
+/// by its id).
+fn cgroup_members(id: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if e.file_name().to_string_lossy().parse::<i32>().is_err() {
+            continue;
+        }
+        let Ok(cg) = std::fs::read_to_string(e.path().join("cgroup")) else { continue };
+        if cg.lines().any(|l| l.ends_with(&format!("/{id}"))) {
+            out.push(std::fs::read_to_string(e.path().join("comm")).unwrap_or_default().trim().to_string());
+        }
+    }
+    out
+}
+
+fn runs_under(_d: &Daemon, id: &str, backend: &str) {
+    let procs = cgroup_members(id);
+    let (exe, other) = if backend == "firecracker" { ("firecracker", "bwrap") } else { ("bwrap", "firecracker") };
+    assert!(procs.iter().any(|c| c.starts_with(exe)), "no {exe} process in the cgroup of {id}: {procs:?}");
+    assert!(!procs.iter().any(|c| c.starts_with(other)), "a {other} process runs for {id}: {procs:?}");
+}
+
+#[test]
+fn policy_order_decides_between_two_available_backends() {
+    if let Some(r) = skip_reason().or_else(fc_skip_reason) {
+        eprintln!("SKIP: {r}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (rootfs, kernel, image) = assets(tmp.path());
+    let d = Daemon::start(Opts {
+        backends: format!("bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"{FC}\""),
+        policies: vec![policy("vm-first", 10, "vm-first", "\"firecracker\", \"bubblewrap\"", "both"), policy("ns-first", 10, "ns-first", "\"bubblewrap\", \"firecracker\"", "both")],
+        ..Default::default()
+    });
+    let t = d.post(
+        "/v1/templates",
+        json!({"name": "both", "rootfs_dir": rootfs, "kernel": kernel, "rootfs_image": image, "ready_marker": MARKER}),
+    );
+    assert_eq!(t.status, 201, "{}", t.text());
+    assert_eq!(t.json()["status"], "ready", "{}", t.text());
+    assert!(t.json()["snapshot_dir"].is_string(), "boot snapshot prepared: {}", t.text());
+
+    let r = d.post("/v1/instances", json!({"workload_class": "vm-first"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let b = r.json();
+    assert_eq!(b["decision"]["backend"], "firecracker");
+    assert_eq!(b["instance"]["backend"], "firecracker");
+    assert_eq!(b["start_path"], "restore", "a VM from its template's boot snapshot is a restore");
+    let vm = b["instance"]["id"].as_str().unwrap().to_string();
+    runs_under(&d, &vm, "firecracker");
+
+    let r = d.post("/v1/instances", json!({"workload_class": "ns-first"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let b = r.json();
+    assert_eq!(b["decision"]["backend"], "bubblewrap");
+    assert_eq!(b["instance"]["backend"], "bubblewrap");
+    let ns = b["instance"]["id"].as_str().unwrap().to_string();
+    runs_under(&d, &ns, "bubblewrap");
+
+    for id in [&vm, &ns] {
+        assert_eq!(d.post(&format!("/v1/instances/{id}/destroy"), json!({})).status, 200);
+        assert!(cgroup_members(id).is_empty(), "processes left for {id}");
+    }
+}
+
+#[test]
+fn missing_firecracker_binary_falls_back_with_the_reason() {
+    if let Some(r) = skip_reason() {
+        eprintln!("SKIP: {r}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (rootfs, _, _) = assets(tmp.path());
+    let d = Daemon::start(Opts {
+        backends: "bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"/nonexistent/firecracker\"".into(),
+        policies: vec![policy("vm-first", 10, "vm-first", "\"firecracker\", \"bubblewrap\"", "busybox")],
+        ..Default::default()
+    });
+    let host = d.get("/v1/host").json();
+    let fc = host["backends"].as_array().unwrap().iter().find(|b| b["backend"] == "firecracker").unwrap().clone();
+    assert_eq!(fc["available"], false);
+    assert_eq!(d.post("/v1/templates", json!({"name": "busybox", "rootfs_dir": rootfs})).status, 201);
+    let r = d.post("/v1/instances", json!({"workload_class": "vm-first"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let b = r.json();
+    assert_eq!(b["instance"]["backend"], "bubblewrap");
+    let skipped = &b["decision"]["skipped"][0];
+    assert_eq!(skipped["backend"], "firecracker");
+    let reason = skipped["reason"].as_str().unwrap();
+    assert!(reason.contains("/nonexistent/firecracker") || reason.contains("not found") || reason.contains("unavailable"), "reason names the cause: {reason}");
+    let id = b["instance"]["id"].as_str().unwrap();
+    runs_under(&d, id, "bubblewrap");
+}
+
+#[test]
+fn failed_vm_template_falls_back_to_bubblewrap_with_the_reason() {
+    if let Some(r) = skip_reason().or_else(fc_skip_reason) {
+        eprintln!("SKIP: {r}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (rootfs, _, image) = assets(tmp.path());
+    // Not a kernel: the boot snapshot cannot be made.
+    let bogus = tmp.path().join("not-a-kernel");
+    std::fs::write(&bogus, b"this is not an ELF kernel").unwrap();
+    let d = Daemon::start(Opts {
+        backends: format!("bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"{FC}\""),
+        policies: vec![policy("vm-first", 10, "vm-first", "\"firecracker\", \"bubblewrap\"", "broken")],
+        daemon_extra: String::new(),
+        extra: "[template]\nready_timeout = \"3s\"\n".into(),
+        ..Default::default()
+    });
+    let t = d.post("/v1/templates", json!({"name": "broken", "rootfs_dir": rootfs, "kernel": bogus, "rootfs_image": image}));
+    assert_eq!(t.status, 201, "{}", t.text());
+    let status = &t.json()["status"];
+    assert!(status["failed"]["reason"].is_string(), "template marked failed with a reason: {}", t.text());
+
+    let r = d.post("/v1/instances", json!({"workload_class": "vm-first"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let b = r.json();
+    assert_eq!(b["instance"]["backend"], "bubblewrap");
+    let skipped = &b["decision"]["skipped"][0];
+    assert_eq!(skipped["backend"], "firecracker");
+    assert!(skipped["reason"].as_str().unwrap().contains("template `broken` failed"), "{}", r.text());
+    let id = b["instance"]["id"].as_str().unwrap();
+    runs_under(&d, id, "bubblewrap");
+    // No firecracker process was left by the failed snapshot.
+    assert!(processes_with(&d.state_dir().to_string_lossy()).iter().all(|(_, c)| !c.starts_with(FC)));
+}
