@@ -57,14 +57,18 @@ impl MockBackend {
         let p = dir.join("state.json");
         let tmp = dir.join("state.json.tmp");
         let body = serde_json::to_vec(st).map_err(|e| BackendError::Other(e.to_string()))?;
-        std::fs::write(&tmp, body).map_err(|e| BackendError::io(format!("writing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &p).map_err(|e| BackendError::io(format!("renaming {}", p.display()), e))
+        std::fs::write(&tmp, body)
+            .map_err(|e| BackendError::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &p)
+            .map_err(|e| BackendError::io(format!("renaming {}", p.display()), e))
     }
 
     /// Maps a sandbox path onto `fs/`, refusing anything that would leave it.
     fn resolve(dir: &Path, path: &str) -> Result<PathBuf, BackendError> {
         if !path.starts_with('/') || path.contains('\0') {
-            return Err(BackendError::Other(format!("path `{path}` must be absolute")));
+            return Err(BackendError::Other(format!(
+                "path `{path}` must be absolute"
+            )));
         }
         let mut out = dir.join("fs");
         for c in Path::new(path).components() {
@@ -72,7 +76,9 @@ impl MockBackend {
                 Component::RootDir | Component::CurDir => {}
                 Component::Normal(p) => out.push(p),
                 Component::ParentDir | Component::Prefix(_) => {
-                    return Err(BackendError::Other(format!("path `{path}` may not contain `..`")))
+                    return Err(BackendError::Other(format!(
+                        "path `{path}` may not contain `..`"
+                    )))
                 }
             }
         }
@@ -89,18 +95,22 @@ impl MockBackend {
     fn fresh_fs(dir: &Path, from: Option<&Path>) -> Result<(), BackendError> {
         let fs = dir.join("fs");
         if fs.exists() {
-            std::fs::remove_dir_all(&fs).map_err(|e| BackendError::io(format!("removing {}", fs.display()), e))?;
+            std::fs::remove_dir_all(&fs)
+                .map_err(|e| BackendError::io(format!("removing {}", fs.display()), e))?;
         }
         match from {
             Some(src) => copy_dir(&src.join("fs"), &fs),
-            None => std::fs::create_dir_all(&fs).map_err(|e| BackendError::io(format!("creating {}", fs.display()), e)),
+            None => std::fs::create_dir_all(&fs)
+                .map_err(|e| BackendError::io(format!("creating {}", fs.display()), e)),
         }
     }
 }
 
 fn copy_dir(src: &Path, dst: &Path) -> Result<(), BackendError> {
-    std::fs::create_dir_all(dst).map_err(|e| BackendError::io(format!("creating {}", dst.display()), e))?;
-    let rd = std::fs::read_dir(src).map_err(|e| BackendError::io(format!("reading {}", src.display()), e))?;
+    std::fs::create_dir_all(dst)
+        .map_err(|e| BackendError::io(format!("creating {}", dst.display()), e))?;
+    let rd = std::fs::read_dir(src)
+        .map_err(|e| BackendError::io(format!("reading {}", src.display()), e))?;
     for entry in rd {
         let entry = entry.map_err(|e| BackendError::io(format!("reading {}", src.display()), e))?;
         let ty = entry.file_type().map_err(|e| BackendError::io("stat", e))?;
@@ -108,14 +118,17 @@ fn copy_dir(src: &Path, dst: &Path) -> Result<(), BackendError> {
         if ty.is_dir() {
             copy_dir(&entry.path(), &to)?;
         } else {
-            std::fs::copy(entry.path(), &to).map_err(|e| BackendError::io(format!("copying to {}", to.display()), e))?;
+            std::fs::copy(entry.path(), &to)
+                .map_err(|e| BackendError::io(format!("copying to {}", to.display()), e))?;
         }
     }
     Ok(())
 }
 
 fn dir_size(p: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
     rd.flatten()
         .map(|e| match e.file_type() {
             Ok(t) if t.is_dir() => dir_size(&e.path()),
@@ -152,12 +165,16 @@ impl Backend for MockBackend {
         // lets tests make creation fail on purpose (pool backoff).
         if let Some(root) = &spec.template.rootfs_dir {
             if !root.is_dir() {
-                return Err(BackendError::Spawn(format!("template rootfs {} does not exist", root.display())));
+                return Err(BackendError::Spawn(format!(
+                    "template rootfs {} does not exist",
+                    root.display()
+                )));
             }
         }
         let dir = spec.instance_dir.join("mock");
         let made = (|| {
-            std::fs::create_dir_all(&dir).map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
             Self::fresh_fs(&dir, spec.from_checkpoint.as_deref())?;
             Self::write_state(&dir, &MockState::default())
         })();
@@ -176,7 +193,11 @@ impl Backend for MockBackend {
     async fn destroy(&self, rt: &Runtime) -> Result<(), BackendError> {
         let d = Self::data(rt)?;
         // The instance dir is the parent of the mock dir.
-        let inst = d.dir.parent().map(Path::to_path_buf).unwrap_or(d.dir.clone());
+        let inst = d
+            .dir
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or(d.dir.clone());
         match std::fs::remove_dir_all(&inst) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -198,7 +219,12 @@ impl Backend for MockBackend {
         Self::write_state(&d.dir, &st)
     }
 
-    async fn reset(&self, rt: &Runtime, spec: &InstanceSpec, mode: ResetMode) -> Result<Runtime, BackendError> {
+    async fn reset(
+        &self,
+        rt: &Runtime,
+        spec: &InstanceSpec,
+        mode: ResetMode,
+    ) -> Result<Runtime, BackendError> {
         match mode {
             ResetMode::OverlayfsRollback => {
                 let d = Self::data(rt)?;
@@ -215,18 +241,33 @@ impl Backend for MockBackend {
                 fresh.from_checkpoint = None;
                 self.create(&fresh).await
             }
-            ResetMode::MmTemplate => Err(BackendError::Unsupported { backend: BackendKind::Mock, op: "reset mm-template" }),
+            ResetMode::MmTemplate => Err(BackendError::Unsupported {
+                backend: BackendKind::Mock,
+                op: "reset mm-template",
+            }),
         }
     }
 
-    async fn checkpoint(&self, rt: &Runtime, dir: &Path) -> Result<CheckpointOutcome, BackendError> {
+    async fn checkpoint(
+        &self,
+        rt: &Runtime,
+        dir: &Path,
+    ) -> Result<CheckpointOutcome, BackendError> {
         let d = Self::data(rt)?;
         Self::read_state(&d.dir)?;
         copy_dir(&d.dir.join("fs"), &dir.join("fs"))?;
-        Ok(CheckpointOutcome { kind: CheckpointKind::Filesystem, size_bytes: dir_size(dir) })
+        Ok(CheckpointOutcome {
+            kind: CheckpointKind::Filesystem,
+            size_bytes: dir_size(dir),
+        })
     }
 
-    async fn rollback(&self, rt: &Runtime, _spec: &InstanceSpec, dir: &Path) -> Result<Runtime, BackendError> {
+    async fn rollback(
+        &self,
+        rt: &Runtime,
+        _spec: &InstanceSpec,
+        dir: &Path,
+    ) -> Result<Runtime, BackendError> {
         let d = Self::data(rt)?;
         let mut st = Self::read_state(&d.dir)?;
         Self::fresh_fs(&d.dir, Some(dir))?;
@@ -240,7 +281,9 @@ impl Backend for MockBackend {
     }
 
     async fn wait_exit(&self, rt: &Runtime) -> ExitCause {
-        let Ok(d) = Self::data(rt) else { return ExitCause::Exited };
+        let Ok(d) = Self::data(rt) else {
+            return ExitCause::Exited;
+        };
         // The mock has no process; its "process" is its directory.
         loop {
             if !d.dir.join("state.json").exists() {
@@ -266,12 +309,19 @@ impl Backend for MockBackend {
         std::fs::read(&p).map_err(|e| BackendError::io(format!("reading {path}"), e))
     }
 
-    async fn write_file(&self, rt: &Runtime, path: &str, data: &[u8], _mode: u32) -> Result<(), BackendError> {
+    async fn write_file(
+        &self,
+        rt: &Runtime,
+        path: &str,
+        data: &[u8],
+        _mode: u32,
+    ) -> Result<(), BackendError> {
         let d = Self::data(rt)?;
         Self::running(&d.dir)?;
         let p = Self::resolve(&d.dir, path)?;
         if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| BackendError::io(format!("creating parent of {path}"), e))?;
+            std::fs::create_dir_all(parent)
+                .map_err(|e| BackendError::io(format!("creating parent of {path}"), e))?;
         }
         std::fs::write(&p, data).map_err(|e| BackendError::io(format!("writing {path}"), e))
     }
@@ -285,7 +335,10 @@ pub struct Unimplemented {
 
 impl Unimplemented {
     pub fn new(kind: BackendKind, _binary: PathBuf) -> Self {
-        Unimplemented { kind, reason: format!("backend {kind} has no implementation in this build of anvil") }
+        Unimplemented {
+            kind,
+            reason: format!("backend {kind} has no implementation in this build of anvil"),
+        }
     }
 
     /// A backend whose construction failed: it probes unavailable with that reason.
@@ -294,7 +347,10 @@ impl Unimplemented {
     }
 
     fn unsupported(&self, op: &'static str) -> BackendError {
-        BackendError::Unsupported { backend: self.kind, op }
+        BackendError::Unsupported {
+            backend: self.kind,
+            op,
+        }
     }
 }
 
@@ -321,13 +377,27 @@ impl Backend for Unimplemented {
     async fn resume(&self, _rt: &Runtime) -> Result<(), BackendError> {
         Err(self.unsupported("resume"))
     }
-    async fn reset(&self, _rt: &Runtime, _spec: &InstanceSpec, _mode: ResetMode) -> Result<Runtime, BackendError> {
+    async fn reset(
+        &self,
+        _rt: &Runtime,
+        _spec: &InstanceSpec,
+        _mode: ResetMode,
+    ) -> Result<Runtime, BackendError> {
         Err(self.unsupported("reset"))
     }
-    async fn checkpoint(&self, _rt: &Runtime, _dir: &Path) -> Result<CheckpointOutcome, BackendError> {
+    async fn checkpoint(
+        &self,
+        _rt: &Runtime,
+        _dir: &Path,
+    ) -> Result<CheckpointOutcome, BackendError> {
         Err(self.unsupported("checkpoint"))
     }
-    async fn rollback(&self, _rt: &Runtime, _spec: &InstanceSpec, _dir: &Path) -> Result<Runtime, BackendError> {
+    async fn rollback(
+        &self,
+        _rt: &Runtime,
+        _spec: &InstanceSpec,
+        _dir: &Path,
+    ) -> Result<Runtime, BackendError> {
         Err(self.unsupported("rollback"))
     }
     fn agent_endpoint(&self, _rt: &Runtime) -> Option<AgentEndpoint> {
@@ -374,11 +444,20 @@ mod tests {
         assert_eq!(out.size_bytes, 5);
 
         b.pause(&rt).await.unwrap();
-        assert!(b.read_file(&rt, "/etc/x").await.is_err(), "paused sandbox serves no files");
+        assert!(
+            b.read_file(&rt, "/etc/x").await.is_err(),
+            "paused sandbox serves no files"
+        );
         b.resume(&rt).await.unwrap();
 
-        let rt = b.reset(&rt, &s, ResetMode::OverlayfsRollback).await.unwrap();
-        assert!(b.read_file(&rt, "/etc/x").await.is_err(), "reset wipes files");
+        let rt = b
+            .reset(&rt, &s, ResetMode::OverlayfsRollback)
+            .await
+            .unwrap();
+        assert!(
+            b.read_file(&rt, "/etc/x").await.is_err(),
+            "reset wipes files"
+        );
         let rt = b.rollback(&rt, &s, &ck).await.unwrap();
         assert_eq!(b.read_file(&rt, "/etc/x").await.unwrap(), b"hello");
 

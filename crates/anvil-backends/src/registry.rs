@@ -33,17 +33,30 @@ pub struct BackendSettings {
 pub fn construct(kind: BackendKind, settings: &BackendSettings) -> Arc<dyn Backend> {
     match kind {
         BackendKind::Mock => Arc::new(crate::mock::MockBackend::new()),
-        BackendKind::Bubblewrap => Arc::new(crate::bubblewrap::BubblewrapBackend::new(crate::bubblewrap::BwrapConfig {
-            bwrap: settings.binary.clone(),
-            agent: settings.agent.clone(),
-            cgroups: crate::cgroup::CgroupConfig { root_name: settings.cgroup_root.clone(), base: None },
-            ready_timeout: settings.ready_timeout,
-        })),
-        BackendKind::Firecracker => match crate::firecracker::FirecrackerBackend::from_settings(settings) {
-            Ok(b) => Arc::new(b),
-            Err(e) => Arc::new(crate::mock::Unimplemented::broken(BackendKind::Firecracker, e.to_string())),
-        },
-        other => Arc::new(crate::mock::Unimplemented::new(other, settings.binary.clone())),
+        BackendKind::Bubblewrap => Arc::new(crate::bubblewrap::BubblewrapBackend::new(
+            crate::bubblewrap::BwrapConfig {
+                bwrap: settings.binary.clone(),
+                agent: settings.agent.clone(),
+                cgroups: crate::cgroup::CgroupConfig {
+                    root_name: settings.cgroup_root.clone(),
+                    base: None,
+                },
+                ready_timeout: settings.ready_timeout,
+            },
+        )),
+        BackendKind::Firecracker => {
+            match crate::firecracker::FirecrackerBackend::from_settings(settings) {
+                Ok(b) => Arc::new(b),
+                Err(e) => Arc::new(crate::mock::Unimplemented::broken(
+                    BackendKind::Firecracker,
+                    e.to_string(),
+                )),
+            }
+        }
+        other => Arc::new(crate::mock::Unimplemented::new(
+            other,
+            settings.binary.clone(),
+        )),
     }
 }
 

@@ -18,7 +18,8 @@ use std::path::Path;
 
 /// Reads and validates a config file; the error names the file and the key.
 pub fn load_config(path: &Path) -> Result<Config, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
     let abs = std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))?;
     Config::from_toml(&text, &abs).map_err(|e| e.to_string())
 }

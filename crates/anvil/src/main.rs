@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "anvil", version, about = "Per-host sandbox daemon: isolated sandboxes (bubblewrap, Firecracker) over an HTTP API")]
+#[command(
+    name = "anvil",
+    version,
+    about = "Per-host sandbox daemon: isolated sandboxes (bubblewrap, Firecracker) over an HTTP API"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -29,33 +33,61 @@ enum DaemonCmd {
     /// Start the daemon in the foreground.
     Start {
         /// Config file (see examples/config.toml; examples/dev.toml runs from a checkout).
-        #[arg(long, short, env = "ANVIL_CONFIG", default_value = "/etc/anvil/config.toml")]
+        #[arg(
+            long,
+            short,
+            env = "ANVIL_CONFIG",
+            default_value = "/etc/anvil/config.toml"
+        )]
         config: PathBuf,
     },
     /// Ask the running daemon to reload its policies; fails naming the bad file.
     Reload {
-        #[arg(long, short, env = "ANVIL_CONFIG", default_value = "/etc/anvil/config.toml")]
+        #[arg(
+            long,
+            short,
+            env = "ANVIL_CONFIG",
+            default_value = "/etc/anvil/config.toml"
+        )]
         config: PathBuf,
     },
     /// Check config, policies, socket, backends, cgroups and KVM; exit non-zero naming problems.
     Doctor {
-        #[arg(long, short, env = "ANVIL_CONFIG", default_value = "/etc/anvil/config.toml")]
+        #[arg(
+            long,
+            short,
+            env = "ANVIL_CONFIG",
+            default_value = "/etc/anvil/config.toml"
+        )]
         config: PathBuf,
     },
 }
 
 fn init_logging(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("ANVIL_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},hyper=warn,h2=warn")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ANVIL_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},hyper=warn,h2=warn"))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
-        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
     }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("anvil: cannot start the async runtime: {e}");
@@ -67,7 +99,9 @@ fn main() -> ExitCode {
             println!("{}", anvil::api::openapi::document());
             ExitCode::SUCCESS
         }
-        Cmd::Daemon { cmd: DaemonCmd::Start { config } } => {
+        Cmd::Daemon {
+            cmd: DaemonCmd::Start { config },
+        } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -86,7 +120,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Daemon { cmd: DaemonCmd::Reload { config } } => {
+        Cmd::Daemon {
+            cmd: DaemonCmd::Reload { config },
+        } => {
             let cfg = match load_config(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -94,7 +130,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match rt.block_on(anvil::client::request(&cfg.daemon.socket, "POST", "/v1/admin/reload", None)) {
+            match rt.block_on(anvil::client::request(
+                &cfg.daemon.socket,
+                "POST",
+                "/v1/admin/reload",
+                None,
+            )) {
                 Ok((200, body)) => {
                     println!("{body}");
                     ExitCode::SUCCESS
@@ -109,7 +150,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Daemon { cmd: DaemonCmd::Doctor { config } } => {
+        Cmd::Daemon {
+            cmd: DaemonCmd::Doctor { config },
+        } => {
             if rt.block_on(doctor::run(&config)) {
                 ExitCode::SUCCESS
             } else {

@@ -100,23 +100,87 @@ impl Metrics {
             pool_target: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("requests", "HTTP requests by method, route and status", m.requests_total.clone());
-        registry.register("http_request_duration_seconds", "HTTP request latency by route", m.http_request_duration.clone());
-        registry.register("instances_created", "Instances created, by backend and start path", m.instances_created_total.clone());
-        registry.register("instances_destroyed", "Instances destroyed (terminations), by backend and reason", m.instances_destroyed_total.clone());
-        registry.register("instances_resets", "Instance resets, by backend and mode", m.instances_resets_total.clone());
-        registry.register("pool_hits", "Creates served from a warm pool", m.pool_hits_total.clone());
-        registry.register("pool_misses", "Creates that found no warm instance", m.pool_misses_total.clone());
-        registry.register("pool_refill_failures", "Failed pool refills", m.pool_refill_failures_total.clone());
-        registry.register("policy_eval_failures", "Create requests no policy accepted", m.policy_eval_failures_total.clone());
-        registry.register("create_duration_seconds", "Create latency, by backend and start path", m.create_duration.clone());
-        registry.register("exec_duration_seconds", "Exec latency, by backend", m.exec_duration.clone());
-        registry.register("reset_duration_seconds", "Reset latency, by backend and mode", m.reset_duration.clone());
-        registry.register("checkpoint_duration_seconds", "Checkpoint latency, by backend", m.checkpoint_duration.clone());
-        registry.register("restore_duration_seconds", "Restore (fork, rollback, hibernation resume) latency, by backend", m.restore_duration.clone());
-        registry.register("instances", "Live instances by state and backend", m.instances.clone());
+        registry.register(
+            "requests",
+            "HTTP requests by method, route and status",
+            m.requests_total.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "HTTP request latency by route",
+            m.http_request_duration.clone(),
+        );
+        registry.register(
+            "instances_created",
+            "Instances created, by backend and start path",
+            m.instances_created_total.clone(),
+        );
+        registry.register(
+            "instances_destroyed",
+            "Instances destroyed (terminations), by backend and reason",
+            m.instances_destroyed_total.clone(),
+        );
+        registry.register(
+            "instances_resets",
+            "Instance resets, by backend and mode",
+            m.instances_resets_total.clone(),
+        );
+        registry.register(
+            "pool_hits",
+            "Creates served from a warm pool",
+            m.pool_hits_total.clone(),
+        );
+        registry.register(
+            "pool_misses",
+            "Creates that found no warm instance",
+            m.pool_misses_total.clone(),
+        );
+        registry.register(
+            "pool_refill_failures",
+            "Failed pool refills",
+            m.pool_refill_failures_total.clone(),
+        );
+        registry.register(
+            "policy_eval_failures",
+            "Create requests no policy accepted",
+            m.policy_eval_failures_total.clone(),
+        );
+        registry.register(
+            "create_duration_seconds",
+            "Create latency, by backend and start path",
+            m.create_duration.clone(),
+        );
+        registry.register(
+            "exec_duration_seconds",
+            "Exec latency, by backend",
+            m.exec_duration.clone(),
+        );
+        registry.register(
+            "reset_duration_seconds",
+            "Reset latency, by backend and mode",
+            m.reset_duration.clone(),
+        );
+        registry.register(
+            "checkpoint_duration_seconds",
+            "Checkpoint latency, by backend",
+            m.checkpoint_duration.clone(),
+        );
+        registry.register(
+            "restore_duration_seconds",
+            "Restore (fork, rollback, hibernation resume) latency, by backend",
+            m.restore_duration.clone(),
+        );
+        registry.register(
+            "instances",
+            "Live instances by state and backend",
+            m.instances.clone(),
+        );
         registry.register("pool_warm", "Warm instances per pool", m.pool_warm.clone());
-        registry.register("pool_target", "Target warm instances per pool", m.pool_target.clone());
+        registry.register(
+            "pool_target",
+            "Target warm instances per pool",
+            m.pool_target.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -143,7 +207,12 @@ mod tests {
     fn seed_counters_are_exposed_with_prefix() {
         let m = Metrics::new();
         m.policy_eval_failures_total.inc();
-        m.pool_hits_total.get_or_create(&PoolLabels { backend: "mock".into(), workload_class: "x".into() }).inc();
+        m.pool_hits_total
+            .get_or_create(&PoolLabels {
+                backend: "mock".into(),
+                workload_class: "x".into(),
+            })
+            .inc();
         let text = m.encode();
         for name in [
             "anvil_policy_eval_failures_total 1",

@@ -361,18 +361,43 @@ pub struct FileWriteResponse {
 
 impl ExecStreamEvent {
     fn empty(stream: &str) -> Self {
-        ExecStreamEvent { stream: stream.to_string(), data: None, exit_code: None, signal: None, timed_out: None, duration_ms: None, error: None }
+        ExecStreamEvent {
+            stream: stream.to_string(),
+            data: None,
+            exit_code: None,
+            signal: None,
+            timed_out: None,
+            duration_ms: None,
+            error: None,
+        }
     }
 
     pub fn data(stream: &str, bytes: &[u8]) -> Self {
-        ExecStreamEvent { data: Some(String::from_utf8_lossy(bytes).into_owned()), ..Self::empty(stream) }
+        ExecStreamEvent {
+            data: Some(String::from_utf8_lossy(bytes).into_owned()),
+            ..Self::empty(stream)
+        }
     }
 
-    pub fn exit(exit_code: Option<i32>, signal: Option<i32>, timed_out: bool, duration_ms: u64) -> Self {
-        ExecStreamEvent { exit_code, signal, timed_out: Some(timed_out), duration_ms: Some(duration_ms), ..Self::empty("exit") }
+    pub fn exit(
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+        duration_ms: u64,
+    ) -> Self {
+        ExecStreamEvent {
+            exit_code,
+            signal,
+            timed_out: Some(timed_out),
+            duration_ms: Some(duration_ms),
+            ..Self::empty("exit")
+        }
     }
 
     pub fn error(message: String) -> Self {
-        ExecStreamEvent { error: Some(message), ..Self::empty("error") }
+        ExecStreamEvent {
+            error: Some(message),
+            ..Self::empty("error")
+        }
     }
 }

@@ -7,7 +7,8 @@ use anvil_core::policy::{Policy, PolicySet};
 /// whole load (naming file and reason); with `warn` bad files are skipped and reported.
 pub fn load_policy_dir(cfg: &Config) -> Result<(PolicySet, Vec<String>), String> {
     let dir = &cfg.policy.dir;
-    let rd = std::fs::read_dir(dir).map_err(|e| format!("policy directory {}: {e}", dir.display()))?;
+    let rd =
+        std::fs::read_dir(dir).map_err(|e| format!("policy directory {}: {e}", dir.display()))?;
     let mut files: Vec<_> = rd
         .flatten()
         .map(|e| e.path())
@@ -21,9 +22,12 @@ pub fn load_policy_dir(cfg: &Config) -> Result<(PolicySet, Vec<String>), String>
             .map_err(|e| format!("{}: {e}", f.display()))
             .and_then(|text| Policy::from_toml(&text, &f).map_err(|e| e.to_string()))
             .and_then(|p| {
-                anvil_core::hooks::validate_policy_hooks(&p, &anvil_core::hooks::HookRegistry::builtin())
-                    .map_err(|e| format!("{}: {e}", f.display()))
-                    .map(|_| p)
+                anvil_core::hooks::validate_policy_hooks(
+                    &p,
+                    &anvil_core::hooks::HookRegistry::builtin(),
+                )
+                .map_err(|e| format!("{}: {e}", f.display()))
+                .map(|_| p)
             });
         match parsed {
             Ok(p) => policies.push(p),

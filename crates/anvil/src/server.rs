@@ -14,30 +14,45 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 fn read_tokens(path: &Path) -> Result<Vec<String>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("[listen].tokens_file {}: {e}", path.display()))?;
-    let tokens: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("[listen].tokens_file {}: {e}", path.display()))?;
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
     if tokens.is_empty() {
-        return Err(format!("[listen].tokens_file {} holds no token", path.display()));
+        return Err(format!(
+            "[listen].tokens_file {} holds no token",
+            path.display()
+        ));
     }
     Ok(tokens)
 }
 
 fn bind_unix(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| format!("creating socket directory {}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("creating socket directory {}: {e}", parent.display()))?;
     }
     if path.exists() {
         // A live daemon answers on it; refuse to steal its socket.
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(format!("another daemon is listening on {}", path.display()));
         }
-        std::fs::remove_file(path).map_err(|e| format!("removing stale socket {}: {e}", path.display()))?;
+        std::fs::remove_file(path)
+            .map_err(|e| format!("removing stale socket {}: {e}", path.display()))?;
     }
     let l = UnixListener::bind(path).map_err(|e| format!("binding {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| format!("chmod {}: {e}", path.display()))?;
     if let Some(g) = group {
-        let grp = nix::unistd::Group::from_name(g).map_err(|e| format!("[daemon].socket_group `{g}`: {e}"))?.ok_or_else(|| format!("[daemon].socket_group `{g}` does not exist"))?;
-        nix::unistd::chown(path, None, Some(grp.gid)).map_err(|e| format!("chown {} to group {g}: {e}", path.display()))?;
+        let grp = nix::unistd::Group::from_name(g)
+            .map_err(|e| format!("[daemon].socket_group `{g}`: {e}"))?
+            .ok_or_else(|| format!("[daemon].socket_group `{g}` does not exist"))?;
+        nix::unistd::chown(path, None, Some(grp.gid))
+            .map_err(|e| format!("chown {} to group {g}: {e}", path.display()))?;
     }
     Ok(l)
 }
@@ -57,7 +72,11 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> Result<(), Str
     let socket = cfg.daemon.socket.clone();
     let unix = bind_unix(&socket, cfg.daemon.socket_group.as_deref())?;
     let tcp = match cfg.listen.http_socket_addr() {
-        Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| format!("binding [listen].http_addr {addr}: {e}"))?),
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("binding [listen].http_addr {addr}: {e}"))?,
+        ),
         None => None,
     };
     let m = match Manager::start(cfg, config_path).await {
@@ -77,10 +96,11 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> Result<(), Str
     let unix_router = api::router(m.clone());
     let mut rx = stop_rx.clone();
     servers.push(tokio::spawn(async move {
-        axum::serve(unix, unix_router).with_graceful_shutdown(async move {
-            let _ = rx.wait_for(|s| *s).await;
-        })
-        .await
+        axum::serve(unix, unix_router)
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
     }));
     info!(socket = %socket.display(), "listening on unix socket");
     if let Some(tcp) = tcp {
@@ -88,10 +108,11 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> Result<(), Str
         let r = api::tcp_router(m.clone(), Tokens(Arc::new(tokens)));
         let mut rx = stop_rx.clone();
         servers.push(tokio::spawn(async move {
-            axum::serve(tcp, r).with_graceful_shutdown(async move {
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await
+            axum::serve(tcp, r)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await
         }));
         info!(%addr, "listening on tcp");
     }

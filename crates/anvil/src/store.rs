@@ -3,6 +3,8 @@
 //! Every write commits (fsync) before it returns, so a transition is on disk before the API
 //! acknowledges it. Values are JSON so a record can be read by hand in an emergency and a
 //! corrupt one is reported with its key instead of poisoning the whole load.
+// redb's error type is large by design; store calls are not on a hot error path.
+#![allow(clippy::result_large_err)]
 
 use crate::model::{CheckpointRecord, InstanceRecord, PoolSizingRecord};
 use anvil_core::template::TemplateRecord;
@@ -55,7 +57,10 @@ pub struct Loaded {
 impl Store {
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
         let path = state_dir.join("anvil.redb");
-        let db = Database::create(&path).map_err(|e| StoreError::Db { path: path.clone(), message: e.to_string() })?;
+        let db = Database::create(&path).map_err(|e| StoreError::Db {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         let store = Store { db, path };
         // Create the tables so readers never meet a missing one.
         store.write(|txn| {
@@ -73,17 +78,33 @@ impl Store {
     }
 
     fn err(&self, e: impl std::fmt::Display) -> StoreError {
-        StoreError::Db { path: self.path.clone(), message: e.to_string() }
+        StoreError::Db {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
     }
 
-    fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>) -> Result<(), StoreError> {
+    fn write(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.err(e))?;
         f(&txn).map_err(|e| self.err(e))?;
         txn.commit().map_err(|e| self.err(e))
     }
 
-    fn put<T: Serialize>(&self, table: TableDefinition<&str, &[u8]>, name: &'static str, key: &str, value: &T) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Encode { table: name, key: key.to_string(), source })?;
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        name: &'static str,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Encode {
+            table: name,
+            key: key.to_string(),
+            source,
+        })?;
         self.write(|txn| {
             txn.open_table(table)?.insert(key, bytes.as_slice())?;
             Ok(())
@@ -104,7 +125,11 @@ impl Store {
     /// Replaces the record stored under `old_id` by `rec` (a warm instance claimed under a
     /// client-chosen id) in one transaction.
     pub fn rename_instance(&self, old_id: &str, rec: &InstanceRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(rec).map_err(|source| StoreError::Encode { table: "instances", key: rec.instance.id.clone(), source })?;
+        let bytes = serde_json::to_vec(rec).map_err(|source| StoreError::Encode {
+            table: "instances",
+            key: rec.instance.id.clone(),
+            source,
+        })?;
         self.write(|txn| {
             let mut t = txn.open_table(INSTANCES)?;
             t.remove(old_id)?;
@@ -118,7 +143,12 @@ impl Store {
     }
 
     pub fn put_checkpoint(&self, rec: &CheckpointRecord) -> Result<(), StoreError> {
-        self.put(CHECKPOINTS, "checkpoints", &rec.checkpoint.checkpoint_id, rec)
+        self.put(
+            CHECKPOINTS,
+            "checkpoints",
+            &rec.checkpoint.checkpoint_id,
+            rec,
+        )
     }
 
     pub fn delete_checkpoint(&self, id: &str) -> Result<(), StoreError> {
@@ -134,7 +164,12 @@ impl Store {
     }
 
     pub fn put_pool_sizing(&self, rec: &PoolSizingRecord) -> Result<(), StoreError> {
-        self.put(POOL_SIZING, "pool_sizing", &format!("{}/{}", rec.backend, rec.workload_class), rec)
+        self.put(
+            POOL_SIZING,
+            "pool_sizing",
+            &format!("{}/{}", rec.backend, rec.workload_class),
+            rec,
+        )
     }
 
     /// Loads every table. Records that do not decode are returned in `corrupt`.
@@ -161,7 +196,11 @@ impl Store {
             let (k, v) = row.map_err(|e| self.err(e))?;
             match serde_json::from_slice::<T>(v.value()) {
                 Ok(rec) => out.push(rec),
-                Err(e) => corrupt.push(CorruptRecord { table: name, key: k.value().to_string(), error: e.to_string() }),
+                Err(e) => corrupt.push(CorruptRecord {
+                    table: name,
+                    key: k.value().to_string(),
+                    error: e.to_string(),
+                }),
             }
         }
         Ok(out)

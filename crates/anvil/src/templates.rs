@@ -19,7 +19,10 @@ pub fn tree_digest(root: &Path) -> std::io::Result<String> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
-        let mut names: Vec<_> = std::fs::read_dir(&dir)?.flatten().map(|e| e.file_name()).collect();
+        let mut names: Vec<_> = std::fs::read_dir(&dir)?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
         names.sort();
         let mut subdirs = Vec::new();
         for name in names {
@@ -60,7 +63,9 @@ pub fn tree_digest(root: &Path) -> std::io::Result<String> {
 }
 
 fn dir_size(p: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(p) else {
+        return 0;
+    };
     rd.flatten()
         .map(|e| match std::fs::symlink_metadata(e.path()) {
             Ok(m) if m.is_dir() => dir_size(&e.path()),
@@ -79,22 +84,32 @@ fn copy_tree(src: &Path, dst: &Path) -> Result<(), String> {
         .output()
         .map_err(|e| format!("running cp: {e}"))?;
     if !out.status.success() {
-        return Err(format!("copying {} failed: {}", src.display(), String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "copying {} failed: {}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     Ok(())
 }
 
 fn unpack_tar(tar_path: &Path, dst: &Path) -> Result<(), String> {
-    let f = std::fs::File::open(tar_path).map_err(|e| format!("opening {}: {e}", tar_path.display()))?;
+    let f = std::fs::File::open(tar_path)
+        .map_err(|e| format!("opening {}: {e}", tar_path.display()))?;
     let name = tar_path.to_string_lossy();
-    let reader: Box<dyn Read> = if name.ends_with(".gz") || name.ends_with(".tgz") { Box::new(flate2::read::GzDecoder::new(f)) } else { Box::new(f) };
+    let reader: Box<dyn Read> = if name.ends_with(".gz") || name.ends_with(".tgz") {
+        Box::new(flate2::read::GzDecoder::new(f))
+    } else {
+        Box::new(f)
+    };
     let mut ar = tar::Archive::new(reader);
     ar.set_preserve_permissions(true);
     ar.set_preserve_ownerships(true);
     ar.set_unpack_xattrs(true);
     std::fs::create_dir_all(dst).map_err(|e| format!("creating {}: {e}", dst.display()))?;
     // `unpack` refuses entries that would land outside `dst`.
-    ar.unpack(dst).map_err(|e| format!("unpacking {}: {e}", tar_path.display()))
+    ar.unpack(dst)
+        .map_err(|e| format!("unpacking {}: {e}", tar_path.display()))
 }
 
 fn host_file(field: &str, p: &Option<String>) -> Result<Option<PathBuf>, OpError> {
@@ -103,7 +118,9 @@ fn host_file(field: &str, p: &Option<String>) -> Result<Option<PathBuf>, OpError
         Some(s) => {
             let path = PathBuf::from(s);
             if !path.is_absolute() {
-                return Err(OpError::BadRequest(format!("`{field}` must be an absolute path on the host")));
+                return Err(OpError::BadRequest(format!(
+                    "`{field}` must be an absolute path on the host"
+                )));
             }
             if !path.exists() {
                 return Err(OpError::BadRequest(format!("`{field}` {s} does not exist")));
@@ -115,19 +132,34 @@ fn host_file(field: &str, p: &Option<String>) -> Result<Option<PathBuf>, OpError
 
 impl Manager {
     pub fn list_templates(&self) -> Vec<TemplateRecord> {
-        self.templates.read().unwrap_or_else(|e| e.into_inner()).list().into_iter().cloned().collect()
+        self.templates
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .list()
+            .into_iter()
+            .cloned()
+            .collect()
     }
 
     pub fn get_template(&self, id: &str) -> Result<TemplateRecord, OpError> {
-        self.find_template(id).ok_or_else(|| OpError::not_found(format!("template `{id}` not found")))
+        self.find_template(id)
+            .ok_or_else(|| OpError::not_found(format!("template `{id}` not found")))
     }
 
     /// Imports a template: copies or unpacks the rootfs under the templates dir, copies VM
     /// files next to it, computes the digest, records it.
-    pub async fn import_template(self: &Arc<Self>, req: TemplateRequest) -> Result<TemplateRecord, OpError> {
-        anvil_core::template::validate_template_name(&req.name).map_err(|e| OpError::BadRequest(format!("`name`: {e}")))?;
+    pub async fn import_template(
+        self: &Arc<Self>,
+        req: TemplateRequest,
+    ) -> Result<TemplateRecord, OpError> {
+        anvil_core::template::validate_template_name(&req.name)
+            .map_err(|e| OpError::BadRequest(format!("`name`: {e}")))?;
         if self.find_template(&req.name).is_some() {
-            return Err(OpError::Conflict { code: "template_exists", message: format!("template `{}` already exists", req.name), instance_id: None });
+            return Err(OpError::Conflict {
+                code: "template_exists",
+                message: format!("template `{}` already exists", req.name),
+                instance_id: None,
+            });
         }
         let rootfs_dir = host_file("rootfs_dir", &req.rootfs_dir)?;
         let rootfs_tar = host_file("rootfs_tar", &req.rootfs_tar)?;
@@ -135,13 +167,19 @@ impl Manager {
         let initramfs = host_file("initramfs", &req.initramfs)?;
         let rootfs_image = host_file("rootfs_image", &req.rootfs_image)?;
         if rootfs_dir.is_some() && rootfs_tar.is_some() {
-            return Err(OpError::BadRequest("give either `rootfs_dir` or `rootfs_tar`, not both".into()));
+            return Err(OpError::BadRequest(
+                "give either `rootfs_dir` or `rootfs_tar`, not both".into(),
+            ));
         }
         if rootfs_dir.is_none() && rootfs_tar.is_none() && kernel.is_none() {
-            return Err(OpError::BadRequest("a template needs `rootfs_dir`, `rootfs_tar` or `kernel` + `rootfs_image`".into()));
+            return Err(OpError::BadRequest(
+                "a template needs `rootfs_dir`, `rootfs_tar` or `kernel` + `rootfs_image`".into(),
+            ));
         }
         if kernel.is_some() != rootfs_image.is_some() {
-            return Err(OpError::BadRequest("VM templates need both `kernel` and `rootfs_image`".into()));
+            return Err(OpError::BadRequest(
+                "VM templates need both `kernel` and `rootfs_image`".into(),
+            ));
         }
         let id = format!("tpl-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
         let dir = self.cfg.storage_templates_dir().join(&id);
@@ -158,7 +196,8 @@ impl Manager {
             serial_log: false,
         };
         let built = tokio::task::spawn_blocking(move || -> Result<TemplateRecord, String> {
-            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
             let root = dir.join("rootfs");
             let mut h = Sha256::new();
             let rootfs = match (rootfs_dir, rootfs_tar) {
@@ -173,13 +212,20 @@ impl Manager {
                 _ => None,
             };
             if let Some(r) = &rootfs {
-                h.update(tree_digest(r).map_err(|e| format!("digesting {}: {e}", r.display()))?.as_bytes());
+                h.update(
+                    tree_digest(r)
+                        .map_err(|e| format!("digesting {}: {e}", r.display()))?
+                        .as_bytes(),
+                );
             }
-            let mut copy_file = |src: Option<PathBuf>, name: &str| -> Result<Option<PathBuf>, String> {
+            let mut copy_file = |src: Option<PathBuf>,
+                                 name: &str|
+             -> Result<Option<PathBuf>, String> {
                 let Some(src) = src else { return Ok(None) };
                 let to = dir.join(name);
                 std::fs::copy(&src, &to).map_err(|e| format!("copying {}: {e}", src.display()))?;
-                let bytes = std::fs::read(&to).map_err(|e| format!("reading {}: {e}", to.display()))?;
+                let bytes =
+                    std::fs::read(&to).map_err(|e| format!("reading {}: {e}", to.display()))?;
                 h.update(name.as_bytes());
                 h.update(Sha256::digest(&bytes));
                 Ok(Some(to))
@@ -211,7 +257,11 @@ impl Manager {
             Ok(r) => r,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
-                return Err(OpError::Unprocessable { code: "template_import_failed", message: e, instance_id: None });
+                return Err(OpError::Unprocessable {
+                    code: "template_import_failed",
+                    message: e,
+                    instance_id: None,
+                });
             }
         };
         me.prepare_vm_template(&mut rec, &vm, &dir).await;
@@ -219,10 +269,19 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(OpError::internal(e));
         }
-        if let Err(e) = me.templates.write().unwrap_or_else(|e| e.into_inner()).insert(rec.clone()) {
+        if let Err(e) = me
+            .templates
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(rec.clone())
+        {
             let _ = me.store.delete_template(&rec.id);
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(OpError::Conflict { code: "template_exists", message: e.to_string(), instance_id: None });
+            return Err(OpError::Conflict {
+                code: "template_exists",
+                message: e.to_string(),
+                instance_id: None,
+            });
         }
         info!(template = %rec.name, id = %rec.id, digest = %rec.image_digest, "template imported");
         me.wake_pools.notify_one();
@@ -232,11 +291,21 @@ impl Manager {
     /// A VM template gets its boot snapshot from the Firecracker backend. If that fails, the
     /// template is marked failed with the reason: the selector then treats firecracker as
     /// unavailable for it, while a namespace backend can still use its rootfs directory.
-    async fn prepare_vm_template(&self, rec: &mut TemplateRecord, vm: &anvil_backends::VmSpec, dir: &Path) {
+    async fn prepare_vm_template(
+        &self,
+        rec: &mut TemplateRecord,
+        vm: &anvil_backends::VmSpec,
+        dir: &Path,
+    ) {
         if rec.kernel.is_none() {
             return;
         }
-        let Some(fc) = self.registry.get(anvil_core::backend::BackendKind::Firecracker) else { return };
+        let Some(fc) = self
+            .registry
+            .get(anvil_core::backend::BackendKind::Firecracker)
+        else {
+            return;
+        };
         let files = crate::manager::template_files(rec);
         match fc.prepare_template(&files, vm, dir).await {
             Ok(snap) => {
@@ -245,7 +314,9 @@ impl Manager {
             }
             Err(e) => {
                 tracing::warn!(template = %rec.name, error = %e, "VM boot snapshot failed; template marked failed for firecracker");
-                rec.status = TemplateStatus::Failed { reason: format!("boot snapshot: {e}") };
+                rec.status = TemplateStatus::Failed {
+                    reason: format!("boot snapshot: {e}"),
+                };
             }
         }
         rec.size_bytes = dir_size(dir);
@@ -272,7 +343,9 @@ impl Manager {
             };
             match self.import_template(req).await {
                 Ok(t) => info!(template = %t.name, id = %t.id, "preloaded template"),
-                Err(e) => tracing::error!(template = %p.name, rootfs_dir = %p.rootfs_dir.display(), error = %e, "[[template.preload]] failed (build it with scripts/setup.sh)"),
+                Err(e) => {
+                    tracing::error!(template = %p.name, rootfs_dir = %p.rootfs_dir.display(), error = %e, "[[template.preload]] failed (build it with scripts/setup.sh)")
+                }
             }
         }
     }
@@ -288,7 +361,12 @@ impl Manager {
                 Err(_) => used.extend(s.template_hint.clone()),
             }
         }
-        for c in self.checkpoints.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        for c in self
+            .checkpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
             if let Some(t) = &c.checkpoint.template {
                 used.insert(t.clone());
             }
@@ -299,17 +377,27 @@ impl Manager {
     pub fn delete_template(&self, id_or_name: &str) -> Result<(), OpError> {
         let t = self.get_template(id_or_name)?;
         if self.templates_in_use().contains(&t.id) {
-            return Err(OpError::Conflict { code: "template_in_use", message: format!("template `{}` is used by instances or checkpoints", t.name), instance_id: None });
+            return Err(OpError::Conflict {
+                code: "template_in_use",
+                message: format!("template `{}` is used by instances or checkpoints", t.name),
+                instance_id: None,
+            });
         }
         self.remove_template(&t)
     }
 
     fn remove_template(&self, t: &TemplateRecord) -> Result<(), OpError> {
-        self.store.delete_template(&t.id).map_err(OpError::internal)?;
-        self.templates.write().unwrap_or_else(|e| e.into_inner()).remove(&t.id);
+        self.store
+            .delete_template(&t.id)
+            .map_err(OpError::internal)?;
+        self.templates
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&t.id);
         let dir = self.cfg.storage_templates_dir().join(&t.id);
         if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(|e| OpError::internal(format!("removing {}: {e}", dir.display())))?;
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| OpError::internal(format!("removing {}: {e}", dir.display())))?;
         }
         Ok(())
     }
@@ -319,7 +407,12 @@ impl Manager {
     pub fn gc_templates(&self) -> Result<TemplateGcResponse, OpError> {
         let used = self.templates_in_use();
         let policies = self.policies.load();
-        let named: HashSet<String> = policies.policies().iter().flat_map(|p| p.select.templates.iter().cloned()).chain(self.cfg.template.default.clone()).collect();
+        let named: HashSet<String> = policies
+            .policies()
+            .iter()
+            .flat_map(|p| p.select.templates.iter().cloned())
+            .chain(self.cfg.template.default.clone())
+            .collect();
         let mut removed = Vec::new();
         let mut freed = 0;
         for t in self.list_templates() {
@@ -341,6 +434,9 @@ impl Manager {
                 }
             }
         }
-        Ok(TemplateGcResponse { removed, freed_bytes: freed })
+        Ok(TemplateGcResponse {
+            removed,
+            freed_bytes: freed,
+        })
     }
 }

@@ -36,7 +36,12 @@ fn fc_skip_reason() -> Option<String> {
     if !Path::new(FC).exists() {
         return Some(format!("{FC} missing (scripts/install-firecracker.sh)"));
     }
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         return Some("/dev/kvm not usable".into());
     }
     None
@@ -49,10 +54,24 @@ fn repo() -> PathBuf {
 /// The busybox rootfs and the test guest, built by the project's scripts.
 fn assets(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let rootfs = dir.join("busybox");
-    let out = std::process::Command::new(repo().join("scripts/build-busybox-template.sh")).arg(&rootfs).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = std::process::Command::new(repo().join("guest/test-guest/build.sh")).arg(dir.join("guest")).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(repo().join("scripts/build-busybox-template.sh"))
+        .arg(&rootfs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(repo().join("guest/test-guest/build.sh"))
+        .arg(dir.join("guest"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let kernel = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
     let image = dir.join("disk.img");
     std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
@@ -63,8 +82,12 @@ fn assets(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 fn processes_with(needle: &str) -> Vec<(i32, String)> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
         if cmd.contains(needle) {
             out.push((pid, cmd));
@@ -81,9 +104,16 @@ fn cgroup_members(id: &str) -> Vec<String> {
         if e.file_name().to_string_lossy().parse::<i32>().is_err() {
             continue;
         }
-        let Ok(cg) = std::fs::read_to_string(e.path().join("cgroup")) else { continue };
+        let Ok(cg) = std::fs::read_to_string(e.path().join("cgroup")) else {
+            continue;
+        };
         if cg.lines().any(|l| l.ends_with(&format!("/{id}"))) {
-            out.push(std::fs::read_to_string(e.path().join("comm")).unwrap_or_default().trim().to_string());
+            out.push(
+                std::fs::read_to_string(e.path().join("comm"))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
+            );
         }
     }
     out
@@ -91,9 +121,19 @@ fn cgroup_members(id: &str) -> Vec<String> {
 
 fn runs_under(_d: &Daemon, id: &str, backend: &str) {
     let procs = cgroup_members(id);
-    let (exe, other) = if backend == "firecracker" { ("firecracker", "bwrap") } else { ("bwrap", "firecracker") };
-    assert!(procs.iter().any(|c| c.starts_with(exe)), "no {exe} process in the cgroup of {id}: {procs:?}");
-    assert!(!procs.iter().any(|c| c.starts_with(other)), "a {other} process runs for {id}: {procs:?}");
+    let (exe, other) = if backend == "firecracker" {
+        ("firecracker", "bwrap")
+    } else {
+        ("bwrap", "firecracker")
+    };
+    assert!(
+        procs.iter().any(|c| c.starts_with(exe)),
+        "no {exe} process in the cgroup of {id}: {procs:?}"
+    );
+    assert!(
+        !procs.iter().any(|c| c.starts_with(other)),
+        "a {other} process runs for {id}: {procs:?}"
+    );
 }
 
 #[test]
@@ -106,7 +146,22 @@ fn policy_order_decides_between_two_available_backends() {
     let (rootfs, kernel, image) = assets(tmp.path());
     let d = Daemon::start(Opts {
         backends: format!("bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"{FC}\""),
-        policies: vec![policy("vm-first", 10, "vm-first", "\"firecracker\", \"bubblewrap\"", "both"), policy("ns-first", 10, "ns-first", "\"bubblewrap\", \"firecracker\"", "both")],
+        policies: vec![
+            policy(
+                "vm-first",
+                10,
+                "vm-first",
+                "\"firecracker\", \"bubblewrap\"",
+                "both",
+            ),
+            policy(
+                "ns-first",
+                10,
+                "ns-first",
+                "\"bubblewrap\", \"firecracker\"",
+                "both",
+            ),
+        ],
         ..Default::default()
     });
     let t = d.post(
@@ -115,14 +170,21 @@ fn policy_order_decides_between_two_available_backends() {
     );
     assert_eq!(t.status, 201, "{}", t.text());
     assert_eq!(t.json()["status"], "ready", "{}", t.text());
-    assert!(t.json()["snapshot_dir"].is_string(), "boot snapshot prepared: {}", t.text());
+    assert!(
+        t.json()["snapshot_dir"].is_string(),
+        "boot snapshot prepared: {}",
+        t.text()
+    );
 
     let r = d.post("/v1/instances", json!({"workload_class": "vm-first"}));
     assert_eq!(r.status, 201, "{}", r.text());
     let b = r.json();
     assert_eq!(b["decision"]["backend"], "firecracker");
     assert_eq!(b["instance"]["backend"], "firecracker");
-    assert_eq!(b["start_path"], "restore", "a VM from its template's boot snapshot is a restore");
+    assert_eq!(
+        b["start_path"], "restore",
+        "a VM from its template's boot snapshot is a restore"
+    );
     let vm = b["instance"]["id"].as_str().unwrap().to_string();
     runs_under(&d, &vm, "firecracker");
 
@@ -135,7 +197,11 @@ fn policy_order_decides_between_two_available_backends() {
     runs_under(&d, &ns, "bubblewrap");
 
     for id in [&vm, &ns] {
-        assert_eq!(d.post(&format!("/v1/instances/{id}/destroy"), json!({})).status, 200);
+        assert_eq!(
+            d.post(&format!("/v1/instances/{id}/destroy"), json!({}))
+                .status,
+            200
+        );
         assert!(cgroup_members(id).is_empty(), "processes left for {id}");
     }
 }
@@ -149,14 +215,34 @@ fn missing_firecracker_binary_falls_back_with_the_reason() {
     let tmp = tempfile::tempdir().unwrap();
     let (rootfs, _, _) = assets(tmp.path());
     let d = Daemon::start(Opts {
-        backends: "bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"/nonexistent/firecracker\"".into(),
-        policies: vec![policy("vm-first", 10, "vm-first", "\"firecracker\", \"bubblewrap\"", "busybox")],
+        backends: "bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"/nonexistent/firecracker\""
+            .into(),
+        policies: vec![policy(
+            "vm-first",
+            10,
+            "vm-first",
+            "\"firecracker\", \"bubblewrap\"",
+            "busybox",
+        )],
         ..Default::default()
     });
     let host = d.get("/v1/host").json();
-    let fc = host["backends"].as_array().unwrap().iter().find(|b| b["backend"] == "firecracker").unwrap().clone();
+    let fc = host["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["backend"] == "firecracker")
+        .unwrap()
+        .clone();
     assert_eq!(fc["available"], false);
-    assert_eq!(d.post("/v1/templates", json!({"name": "busybox", "rootfs_dir": rootfs})).status, 201);
+    assert_eq!(
+        d.post(
+            "/v1/templates",
+            json!({"name": "busybox", "rootfs_dir": rootfs})
+        )
+        .status,
+        201
+    );
     let r = d.post("/v1/instances", json!({"workload_class": "vm-first"}));
     assert_eq!(r.status, 201, "{}", r.text());
     let b = r.json();
@@ -164,7 +250,12 @@ fn missing_firecracker_binary_falls_back_with_the_reason() {
     let skipped = &b["decision"]["skipped"][0];
     assert_eq!(skipped["backend"], "firecracker");
     let reason = skipped["reason"].as_str().unwrap();
-    assert!(reason.contains("/nonexistent/firecracker") || reason.contains("not found") || reason.contains("unavailable"), "reason names the cause: {reason}");
+    assert!(
+        reason.contains("/nonexistent/firecracker")
+            || reason.contains("not found")
+            || reason.contains("unavailable"),
+        "reason names the cause: {reason}"
+    );
     let id = b["instance"]["id"].as_str().unwrap();
     runs_under(&d, id, "bubblewrap");
 }
@@ -182,15 +273,28 @@ fn failed_vm_template_falls_back_to_bubblewrap_with_the_reason() {
     std::fs::write(&bogus, b"this is not an ELF kernel").unwrap();
     let d = Daemon::start(Opts {
         backends: format!("bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"{FC}\""),
-        policies: vec![policy("vm-first", 10, "vm-first", "\"firecracker\", \"bubblewrap\"", "broken")],
+        policies: vec![policy(
+            "vm-first",
+            10,
+            "vm-first",
+            "\"firecracker\", \"bubblewrap\"",
+            "broken",
+        )],
         daemon_extra: String::new(),
         extra: "[template]\nready_timeout = \"3s\"\n".into(),
         ..Default::default()
     });
-    let t = d.post("/v1/templates", json!({"name": "broken", "rootfs_dir": rootfs, "kernel": bogus, "rootfs_image": image}));
+    let t = d.post(
+        "/v1/templates",
+        json!({"name": "broken", "rootfs_dir": rootfs, "kernel": bogus, "rootfs_image": image}),
+    );
     assert_eq!(t.status, 201, "{}", t.text());
     let status = &t.json()["status"];
-    assert!(status["failed"]["reason"].is_string(), "template marked failed with a reason: {}", t.text());
+    assert!(
+        status["failed"]["reason"].is_string(),
+        "template marked failed with a reason: {}",
+        t.text()
+    );
 
     let r = d.post("/v1/instances", json!({"workload_class": "vm-first"}));
     assert_eq!(r.status, 201, "{}", r.text());
@@ -198,9 +302,18 @@ fn failed_vm_template_falls_back_to_bubblewrap_with_the_reason() {
     assert_eq!(b["instance"]["backend"], "bubblewrap");
     let skipped = &b["decision"]["skipped"][0];
     assert_eq!(skipped["backend"], "firecracker");
-    assert!(skipped["reason"].as_str().unwrap().contains("template `broken` failed"), "{}", r.text());
+    assert!(
+        skipped["reason"]
+            .as_str()
+            .unwrap()
+            .contains("template `broken` failed"),
+        "{}",
+        r.text()
+    );
     let id = b["instance"]["id"].as_str().unwrap();
     runs_under(&d, id, "bubblewrap");
     // No firecracker process was left by the failed snapshot.
-    assert!(processes_with(&d.state_dir().to_string_lossy()).iter().all(|(_, c)| !c.starts_with(FC)));
+    assert!(processes_with(&d.state_dir().to_string_lossy())
+        .iter()
+        .all(|(_, c)| !c.starts_with(FC)));
 }

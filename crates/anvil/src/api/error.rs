@@ -20,7 +20,7 @@ pub struct ErrorBody {
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub body: ErrorBody,
+    pub body: Box<ErrorBody>,
     pub retry_after: Option<u64>,
     pub allow: Option<String>,
 }
@@ -29,7 +29,12 @@ impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         ApiError {
             status,
-            body: ErrorBody { error: message.into(), code: code.to_string(), status: status.as_u16(), instance_id: None },
+            body: Box::new(ErrorBody {
+                error: message.into(),
+                code: code.to_string(),
+                status: status.as_u16(),
+                instance_id: None,
+            }),
             retry_after: None,
             allow: None,
         }
@@ -61,7 +66,7 @@ impl From<OpError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status, axum::Json(self.body)).into_response();
+        let mut resp = (self.status, axum::Json(*self.body)).into_response();
         if let Some(s) = self.retry_after {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);

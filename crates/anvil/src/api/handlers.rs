@@ -1,14 +1,14 @@
 //! HTTP handlers: validate, call the manager, shape the answer. Nothing else lives here.
 
 use super::error::{ApiError, ApiResult, ErrorBody};
-use super::extract::{JsonBody, OptJsonBody, RawBody};
+use super::extract::{JsonBody, OptJsonBody, Path, Query, RawBody};
 use super::AppState;
 use crate::model::*;
 use anvil_backends::agent::ExecEvent;
 use anvil_core::backend::BackendKind;
 use anvil_core::lifecycle::{SandboxState, TerminationReason};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -18,16 +18,21 @@ use std::time::Instant;
 use utoipa::IntoParams;
 
 fn check_id(id: &str) -> ApiResult<()> {
-    anvil_core::ids::validate_instance_id(id).map_err(|e| ApiError::bad_request(format!("id `{id}`: {e}")))
+    anvil_core::ids::validate_instance_id(id)
+        .map_err(|e| ApiError::bad_request(format!("id `{id}`: {e}")))
 }
 
 fn parse_backend(s: &str) -> ApiResult<BackendKind> {
-    s.parse::<BackendKind>().map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e))
+    s.parse::<BackendKind>()
+        .map_err(|e| ApiError::new(StatusCode::NOT_FOUND, "not_found", e))
 }
 
 #[utoipa::path(get, path = "/v1/health", tag = "daemon", responses((status = 200, body = HealthResponse)))]
 pub async fn health() -> Json<HealthResponse> {
-    Json(HealthResponse { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into() })
+    Json(HealthResponse {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -42,7 +47,10 @@ pub struct ListQuery {
 
 #[utoipa::path(get, path = "/v1/instances", tag = "instances", params(ListQuery),
     responses((status = 200, body = [Instance]), (status = 400, body = ErrorBody)))]
-pub async fn list_instances(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult<Json<Vec<Instance>>> {
+pub async fn list_instances(
+    State(s): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Vec<Instance>>> {
     let state = match &q.state {
         Some(st) => Some(st.parse::<SandboxState>().map_err(ApiError::bad_request)?),
         None => None,
@@ -50,22 +58,27 @@ pub async fn list_instances(State(s): State<AppState>, Query(q): Query<ListQuery
     let mut labels = BTreeMap::new();
     if let Some(l) = &q.label {
         for pair in l.split(',') {
-            let (k, v) = pair.split_once('=').ok_or_else(|| ApiError::bad_request(format!("label filter `{pair}` must be key=value")))?;
+            let (k, v) = pair.split_once('=').ok_or_else(|| {
+                ApiError::bad_request(format!("label filter `{pair}` must be key=value"))
+            })?;
             labels.insert(k.to_string(), v.to_string());
         }
     }
-    let out = s
-        .m
-        .list()
-        .await
-        .into_iter()
-        .filter(|i| match state {
-            Some(st) => i.state == st,
-            None => i.state != SandboxState::Destroyed,
-        })
-        .filter(|i| q.workload_class.as_ref().is_none_or(|c| &i.workload_class == c))
-        .filter(|i| labels.iter().all(|(k, v)| i.labels.get(k) == Some(v)))
-        .collect();
+    let out =
+        s.m.list()
+            .await
+            .into_iter()
+            .filter(|i| match state {
+                Some(st) => i.state == st,
+                None => i.state != SandboxState::Destroyed,
+            })
+            .filter(|i| {
+                q.workload_class
+                    .as_ref()
+                    .is_none_or(|c| &i.workload_class == c)
+            })
+            .filter(|i| labels.iter().all(|(k, v)| i.labels.get(k) == Some(v)))
+            .collect();
     Ok(Json(out))
 }
 
@@ -73,44 +86,70 @@ pub async fn list_instances(State(s): State<AppState>, Query(q): Query<ListQuery
     responses((status = 201, body = CreateResponse), (status = 200, description = "idempotent replay", body = CreateResponse),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
         (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
-pub async fn create_instance(State(s): State<AppState>, JsonBody(req): JsonBody<CreateRequest>) -> ApiResult<Response> {
+pub async fn create_instance(
+    State(s): State<AppState>,
+    JsonBody(req): JsonBody<CreateRequest>,
+) -> ApiResult<Response> {
     let (resp, created) = s.m.create(req).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(resp)).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/instances/{id}", tag = "instances", params(("id" = String, Path)),
     responses((status = 200, body = Instance), (status = 404, body = ErrorBody)))]
-pub async fn get_instance(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Instance>> {
+pub async fn get_instance(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Instance>> {
     check_id(&id)?;
     Ok(Json(s.m.get(&id).await?))
 }
 
 #[utoipa::path(post, path = "/v1/instances/{id}/destroy", tag = "instances", params(("id" = String, Path)),
     responses((status = 200, body = DestroyResponse), (status = 404, body = ErrorBody)))]
-pub async fn destroy_instance(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<DestroyResponse>> {
+pub async fn destroy_instance(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<DestroyResponse>> {
     check_id(&id)?;
     let inst = s.m.destroy(&id, TerminationReason::Requested).await?;
-    Ok(Json(DestroyResponse { destroyed: true, instance_id: inst.id }))
+    Ok(Json(DestroyResponse {
+        destroyed: true,
+        instance_id: inst.id,
+    }))
 }
 
 #[utoipa::path(delete, path = "/v1/instances/{id}", tag = "instances", params(("id" = String, Path)),
     responses((status = 200, body = DestroyResponse), (status = 404, body = ErrorBody)))]
-pub async fn delete_instance(state: State<AppState>, id: Path<String>) -> ApiResult<Json<DestroyResponse>> {
+pub async fn delete_instance(
+    state: State<AppState>,
+    id: Path<String>,
+) -> ApiResult<Json<DestroyResponse>> {
     destroy_instance(state, id).await
 }
 
 #[utoipa::path(post, path = "/v1/instances/{id}/checkpoint", tag = "instances", params(("id" = String, Path)),
     request_body(content = CheckpointRequest, description = "optional"),
     responses((status = 200, body = CheckpointResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn checkpoint_instance(State(s): State<AppState>, Path(id): Path<String>, OptJsonBody(req): OptJsonBody<CheckpointRequest>) -> ApiResult<Json<CheckpointResponse>> {
+pub async fn checkpoint_instance(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    OptJsonBody(req): OptJsonBody<CheckpointRequest>,
+) -> ApiResult<Json<CheckpointResponse>> {
     check_id(&id)?;
     Ok(Json(s.m.checkpoint(&id, req.stop).await?))
 }
 
 #[utoipa::path(get, path = "/v1/instances/{id}/checkpoints", tag = "checkpoints", params(("id" = String, Path)),
     responses((status = 200, body = [Checkpoint]), (status = 404, body = ErrorBody)))]
-pub async fn list_checkpoints(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Vec<Checkpoint>>> {
+pub async fn list_checkpoints(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<Checkpoint>>> {
     check_id(&id)?;
     s.m.slot(&id)?;
     Ok(Json(s.m.checkpoints_of(&id)))
@@ -118,7 +157,11 @@ pub async fn list_checkpoints(State(s): State<AppState>, Path(id): Path<String>)
 
 #[utoipa::path(post, path = "/v1/instances/{id}/rollback", tag = "checkpoints", params(("id" = String, Path)), request_body = RollbackRequest,
     responses((status = 200, body = Instance), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn rollback_instance(State(s): State<AppState>, Path(id): Path<String>, JsonBody(req): JsonBody<RollbackRequest>) -> ApiResult<Json<Instance>> {
+pub async fn rollback_instance(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<RollbackRequest>,
+) -> ApiResult<Json<Instance>> {
     check_id(&id)?;
     check_id(&req.checkpoint_id)?;
     Ok(Json(s.m.rollback(&id, &req.checkpoint_id).await?))
@@ -126,7 +169,10 @@ pub async fn rollback_instance(State(s): State<AppState>, Path(id): Path<String>
 
 #[utoipa::path(delete, path = "/v1/checkpoints/{checkpoint_id}", tag = "checkpoints", params(("checkpoint_id" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn delete_checkpoint(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete_checkpoint(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     check_id(&id)?;
     s.m.delete_checkpoint(&id)?;
     Ok(StatusCode::NO_CONTENT)
@@ -135,28 +181,42 @@ pub async fn delete_checkpoint(State(s): State<AppState>, Path(id): Path<String>
 #[utoipa::path(post, path = "/v1/instances/{id}/reset", tag = "instances", params(("id" = String, Path)),
     request_body(content = ResetRequest, description = "optional"),
     responses((status = 200, body = ResetResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn reset_instance(State(s): State<AppState>, Path(id): Path<String>, OptJsonBody(req): OptJsonBody<ResetRequest>) -> ApiResult<Json<ResetResponse>> {
+pub async fn reset_instance(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    OptJsonBody(req): OptJsonBody<ResetRequest>,
+) -> ApiResult<Json<ResetResponse>> {
     check_id(&id)?;
     Ok(Json(s.m.reset(&id, req.return_to_pool).await?))
 }
 
 #[utoipa::path(post, path = "/v1/instances/{id}/pause", tag = "instances", params(("id" = String, Path)),
     responses((status = 200, body = Instance), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn pause_instance(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Instance>> {
+pub async fn pause_instance(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Instance>> {
     check_id(&id)?;
     Ok(Json(s.m.pause(&id).await?))
 }
 
 #[utoipa::path(post, path = "/v1/instances/{id}/resume", tag = "instances", params(("id" = String, Path)),
     responses((status = 200, body = Instance), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn resume_instance(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Instance>> {
+pub async fn resume_instance(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Instance>> {
     check_id(&id)?;
     Ok(Json(s.m.resume(&id).await?))
 }
 
 #[utoipa::path(post, path = "/v1/instances/{id}/ttl", tag = "instances", params(("id" = String, Path)), request_body = TtlRequest,
     responses((status = 200, body = Instance), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn set_ttl(State(s): State<AppState>, Path(id): Path<String>, JsonBody(req): JsonBody<TtlRequest>) -> ApiResult<Json<Instance>> {
+pub async fn set_ttl(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(req): JsonBody<TtlRequest>,
+) -> ApiResult<Json<Instance>> {
     check_id(&id)?;
     Ok(Json(s.m.set_ttl(&id, req.ttl_secs).await?))
 }
@@ -172,7 +232,12 @@ pub struct ExecQuery {
 #[utoipa::path(post, path = "/v1/instances/{id}/exec", tag = "exec", params(("id" = String, Path), ExecQuery), request_body = ExecRequest,
     responses((status = 200, description = "the result, or with ?stream=true an NDJSON stream of ExecStreamEvent", body = ExecResponse),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn exec_instance(State(s): State<AppState>, Path(id): Path<String>, Query(q): Query<ExecQuery>, JsonBody(req): JsonBody<ExecRequest>) -> ApiResult<Response> {
+pub async fn exec_instance(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<ExecQuery>,
+    JsonBody(req): JsonBody<ExecRequest>,
+) -> ApiResult<Response> {
     check_id(&id)?;
     let target = s.m.exec_target(&id).await?;
     if !q.stream {
@@ -193,12 +258,22 @@ pub async fn exec_instance(State(s): State<AppState>, Path(id): Path<String>, Qu
                 Some(Ok(ExecEvent::Stderr(b))) => ExecStreamEvent::data("stderr", &b),
                 Some(Ok(ExecEvent::Exit(x))) => {
                     m.observe_exec(backend, t0.elapsed());
-                    let mut line = serde_json::to_vec(&ExecStreamEvent::exit(x.exit_code, x.signal, x.timed_out, x.duration_ms)).unwrap_or_default();
+                    let mut line = serde_json::to_vec(&ExecStreamEvent::exit(
+                        x.exit_code,
+                        x.signal,
+                        x.timed_out,
+                        x.duration_ms,
+                    ))
+                    .unwrap_or_default();
                     line.push(b'\n');
-                    return Some((Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)), None));
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),
+                        None,
+                    ));
                 }
                 Some(Err(e)) => {
-                    let mut line = serde_json::to_vec(&ExecStreamEvent::error(e.to_string())).unwrap_or_default();
+                    let mut line = serde_json::to_vec(&ExecStreamEvent::error(e.to_string()))
+                        .unwrap_or_default();
                     line.push(b'\n');
                     return Some((Ok(bytes::Bytes::from(line)), None));
                 }
@@ -208,7 +283,11 @@ pub async fn exec_instance(State(s): State<AppState>, Path(id): Path<String>, Qu
             Some((Ok(bytes::Bytes::from(line)), Some(st)))
         }
     });
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(body)).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(body),
+    )
+        .into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -226,7 +305,11 @@ pub struct FileQuery {
 #[utoipa::path(get, path = "/v1/instances/{id}/files", tag = "files", params(("id" = String, Path), FileQuery),
     responses((status = 200, description = "the file's bytes (or a JSON listing with list=true)", content_type = "application/octet-stream"),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn get_file(State(s): State<AppState>, Path(id): Path<String>, Query(q): Query<FileQuery>) -> ApiResult<Response> {
+pub async fn get_file(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+) -> ApiResult<Response> {
     check_id(&id)?;
     if q.list {
         return Ok(Json(s.m.list_dir(&id, &q.path).await?).into_response());
@@ -238,14 +321,23 @@ pub async fn get_file(State(s): State<AppState>, Path(id): Path<String>, Query(q
 #[utoipa::path(put, path = "/v1/instances/{id}/files", tag = "files", params(("id" = String, Path), FileQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 200, body = FileWriteResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn put_file(State(s): State<AppState>, Path(id): Path<String>, Query(q): Query<FileQuery>, RawBody(body): RawBody) -> ApiResult<Json<FileWriteResponse>> {
+pub async fn put_file(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<FileQuery>,
+    RawBody(body): RawBody,
+) -> ApiResult<Json<FileWriteResponse>> {
     check_id(&id)?;
     let mode = match &q.mode {
-        Some(m) => u32::from_str_radix(m, 8).map_err(|_| ApiError::bad_request(format!("mode `{m}` is not octal")))?,
+        Some(m) => u32::from_str_radix(m, 8)
+            .map_err(|_| ApiError::bad_request(format!("mode `{m}` is not octal")))?,
         None => 0o644,
     };
     let bytes = s.m.write_file(&id, &q.path, &body, mode).await?;
-    Ok(Json(FileWriteResponse { path: q.path, bytes }))
+    Ok(Json(FileWriteResponse {
+        path: q.path,
+        bytes,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/pools", tag = "pools", responses((status = 200, body = [PoolView])))]
@@ -255,47 +347,71 @@ pub async fn list_pools(State(s): State<AppState>) -> Json<Vec<PoolView>> {
 
 #[utoipa::path(get, path = "/v1/pools/{backend}/{class}", tag = "pools", params(("backend" = String, Path), ("class" = String, Path)),
     responses((status = 200, body = [PoolView]), (status = 404, body = ErrorBody)))]
-pub async fn get_pool(State(s): State<AppState>, Path((backend, class)): Path<(String, String)>) -> ApiResult<Json<Vec<PoolView>>> {
+pub async fn get_pool(
+    State(s): State<AppState>,
+    Path((backend, class)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<PoolView>>> {
     let b = parse_backend(&backend)?;
     Ok(Json(s.m.pools.views(Some(b), Some(&class))))
 }
 
 #[utoipa::path(post, path = "/v1/pools/{backend}/{class}/drain", tag = "pools", params(("backend" = String, Path), ("class" = String, Path)),
     responses((status = 200, body = DrainResponse), (status = 404, body = ErrorBody)))]
-pub async fn drain_pool(State(s): State<AppState>, Path((backend, class)): Path<(String, String)>) -> ApiResult<Json<DrainResponse>> {
+pub async fn drain_pool(
+    State(s): State<AppState>,
+    Path((backend, class)): Path<(String, String)>,
+) -> ApiResult<Json<DrainResponse>> {
     let b = parse_backend(&backend)?;
     let drained = s.m.drain(b, &class).await;
-    Ok(Json(DrainResponse { count: drained.len(), drained }))
+    Ok(Json(DrainResponse {
+        count: drained.len(),
+        drained,
+    }))
 }
 
 #[utoipa::path(put, path = "/v1/pools/{backend}/{class}/sizing", tag = "pools", params(("backend" = String, Path), ("class" = String, Path)), request_body = SizingRequest,
     responses((status = 200, body = [PoolView]), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn set_pool_sizing(State(s): State<AppState>, Path((backend, class)): Path<(String, String)>, JsonBody(req): JsonBody<SizingRequest>) -> ApiResult<Json<Vec<PoolView>>> {
+pub async fn set_pool_sizing(
+    State(s): State<AppState>,
+    Path((backend, class)): Path<(String, String)>,
+    JsonBody(req): JsonBody<SizingRequest>,
+) -> ApiResult<Json<Vec<PoolView>>> {
     let b = parse_backend(&backend)?;
     Ok(Json(s.m.set_sizing(b, &class, req).await?))
 }
 
 #[utoipa::path(get, path = "/v1/templates", tag = "templates", responses((status = 200, body = [anvil_core::template::TemplateRecord])))]
-pub async fn list_templates(State(s): State<AppState>) -> Json<Vec<anvil_core::template::TemplateRecord>> {
+pub async fn list_templates(
+    State(s): State<AppState>,
+) -> Json<Vec<anvil_core::template::TemplateRecord>> {
     Json(s.m.list_templates())
 }
 
 #[utoipa::path(post, path = "/v1/templates", tag = "templates", request_body = TemplateRequest,
     responses((status = 201, body = anvil_core::template::TemplateRecord), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn create_template(State(s): State<AppState>, JsonBody(req): JsonBody<TemplateRequest>) -> ApiResult<Response> {
+pub async fn create_template(
+    State(s): State<AppState>,
+    JsonBody(req): JsonBody<TemplateRequest>,
+) -> ApiResult<Response> {
     let t = s.m.import_template(req).await?;
     Ok((StatusCode::CREATED, Json(t)).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/templates/{id}", tag = "templates", params(("id" = String, Path)),
     responses((status = 200, body = anvil_core::template::TemplateRecord), (status = 404, body = ErrorBody)))]
-pub async fn get_template(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<anvil_core::template::TemplateRecord>> {
+pub async fn get_template(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<anvil_core::template::TemplateRecord>> {
     Ok(Json(s.m.get_template(&id)?))
 }
 
 #[utoipa::path(delete, path = "/v1/templates/{id}", tag = "templates", params(("id" = String, Path)),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-pub async fn delete_template(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+pub async fn delete_template(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
     s.m.delete_template(&id)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -329,17 +445,34 @@ pub async fn list_hooks(State(s): State<AppState>) -> Json<Vec<anvil_core::hooks
 #[utoipa::path(get, path = "/v1/metrics", tag = "daemon", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(s): State<AppState>) -> ApiResult<Response> {
     if !s.m.cfg.metrics.enabled {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", "metrics are disabled ([metrics].enabled = false)"));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "metrics are disabled ([metrics].enabled = false)",
+        ));
     }
     s.m.refresh_gauges().await;
-    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.m.metrics.encode()).into_response())
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.m.metrics.encode(),
+    )
+        .into_response())
 }
 
 #[utoipa::path(post, path = "/v1/admin/reload", tag = "daemon",
     responses((status = 200, body = ReloadResponse), (status = 400, body = ErrorBody)))]
 pub async fn reload(State(s): State<AppState>) -> ApiResult<Json<ReloadResponse>> {
-    let names = s.m.reload_policies().await.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "reload_failed", e))?;
-    Ok(Json(ReloadResponse { reloaded: true, policies: names }))
+    let names =
+        s.m.reload_policies()
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "reload_failed", e))?;
+    Ok(Json(ReloadResponse {
+        reloaded: true,
+        policies: names,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/host", tag = "daemon", responses((status = 200, body = HostView)))]
@@ -349,13 +482,25 @@ pub async fn host(State(s): State<AppState>) -> Json<HostView> {
 
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "daemon", responses((status = 200, description = "this document")))]
 pub async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], super::openapi::document()).into_response()
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        super::openapi::document(),
+    )
+        .into_response()
 }
 
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no route for {}", uri.path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route for {}", uri.path()),
+    )
 }
 
 pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("method {method} is not allowed on {}", uri.path()))
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("method {method} is not allowed on {}", uri.path()),
+    )
 }

@@ -35,14 +35,26 @@ pub fn router(m: Arc<Manager>) -> Router {
     let timeout = m.cfg.limits.request_timeout.get();
     let state = AppState { m };
     let files = Router::new()
-        .route("/v1/instances/{id}/files", get(h::get_file).put(h::put_file))
+        .route(
+            "/v1/instances/{id}/files",
+            get(h::get_file).put(h::put_file),
+        )
         .layer(DefaultBodyLimit::max(file_limit));
     Router::new()
         .route("/v1/health", get(h::health))
-        .route("/v1/instances", get(h::list_instances).post(h::create_instance))
-        .route("/v1/instances/{id}", get(h::get_instance).delete(h::delete_instance))
+        .route(
+            "/v1/instances",
+            get(h::list_instances).post(h::create_instance),
+        )
+        .route(
+            "/v1/instances/{id}",
+            get(h::get_instance).delete(h::delete_instance),
+        )
         .route("/v1/instances/{id}/destroy", post(h::destroy_instance))
-        .route("/v1/instances/{id}/checkpoint", post(h::checkpoint_instance))
+        .route(
+            "/v1/instances/{id}/checkpoint",
+            post(h::checkpoint_instance),
+        )
         .route("/v1/instances/{id}/checkpoints", get(h::list_checkpoints))
         .route("/v1/instances/{id}/rollback", post(h::rollback_instance))
         .route("/v1/instances/{id}/reset", post(h::reset_instance))
@@ -50,14 +62,26 @@ pub fn router(m: Arc<Manager>) -> Router {
         .route("/v1/instances/{id}/resume", post(h::resume_instance))
         .route("/v1/instances/{id}/ttl", post(h::set_ttl))
         .route("/v1/instances/{id}/exec", post(h::exec_instance))
-        .route("/v1/checkpoints/{checkpoint_id}", axum::routing::delete(h::delete_checkpoint))
+        .route(
+            "/v1/checkpoints/{checkpoint_id}",
+            axum::routing::delete(h::delete_checkpoint),
+        )
         .route("/v1/pools", get(h::list_pools))
         .route("/v1/pools/{backend}/{class}", get(h::get_pool))
         .route("/v1/pools/{backend}/{class}/drain", post(h::drain_pool))
-        .route("/v1/pools/{backend}/{class}/sizing", put(h::set_pool_sizing))
-        .route("/v1/templates", get(h::list_templates).post(h::create_template))
+        .route(
+            "/v1/pools/{backend}/{class}/sizing",
+            put(h::set_pool_sizing),
+        )
+        .route(
+            "/v1/templates",
+            get(h::list_templates).post(h::create_template),
+        )
         .route("/v1/templates/gc", post(h::gc_templates))
-        .route("/v1/templates/{id}", get(h::get_template).delete(h::delete_template))
+        .route(
+            "/v1/templates/{id}",
+            get(h::get_template).delete(h::delete_template),
+        )
         .route("/v1/policies", get(h::list_policies))
         .route("/v1/hooks", get(h::list_hooks))
         .route("/v1/metrics", get(h::metrics))
@@ -83,16 +107,31 @@ pub fn tcp_router(m: Arc<Manager>, tokens: Tokens) -> Router {
 /// instance id when the route has one.
 async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let method = req.method().to_string();
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
     let path = req.uri().path().to_string();
-    let instance_id = path.strip_prefix("/v1/instances/").and_then(|r| r.split('/').next()).unwrap_or("").to_string();
+    let instance_id = path
+        .strip_prefix("/v1/instances/")
+        .and_then(|r| r.split('/').next())
+        .unwrap_or("")
+        .to_string();
     let span = tracing::info_span!("request", %method, %route, instance_id = %instance_id);
     let t0 = Instant::now();
     let resp = next.run(req).instrument(span.clone()).await;
     let status = resp.status().as_u16();
-    let labels = RouteLabels { method, route, status };
+    let labels = RouteLabels {
+        method,
+        route,
+        status,
+    };
     s.m.metrics.requests_total.get_or_create(&labels).inc();
-    s.m.metrics.http_request_duration.get_or_create(&labels).observe(t0.elapsed().as_secs_f64());
+    s.m.metrics
+        .http_request_duration
+        .get_or_create(&labels)
+        .observe(t0.elapsed().as_secs_f64());
     span.in_scope(|| tracing::debug!(status, ms = t0.elapsed().as_millis() as u64, path = %path, "request done"));
     resp
 }
@@ -100,7 +139,12 @@ async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Respons
 async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
     match tokio::time::timeout(limit, next.run(req)).await {
         Ok(r) => r,
-        Err(_) => ApiError::unavailable("request_timeout", format!("request took longer than {limit:?} ([limits].request_timeout)"), 1).into_response(),
+        Err(_) => ApiError::unavailable(
+            "request_timeout",
+            format!("request took longer than {limit:?} ([limits].request_timeout)"),
+            1,
+        )
+        .into_response(),
     }
 }
 
@@ -116,12 +160,32 @@ async fn bearer_auth(State(tokens): State<Tokens>, req: Request, next: Next) -> 
     if tokens.0.is_empty() {
         return next.run(req).await;
     }
-    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
     match presented {
-        Some(t) if tokens.0.iter().fold(false, |ok, good| ok | ct_eq(t.as_bytes(), good.as_bytes())) => next.run(req).await,
+        Some(t)
+            if tokens
+                .0
+                .iter()
+                .fold(false, |ok, good| ok | ct_eq(t.as_bytes(), good.as_bytes())) =>
+        {
+            next.run(req).await
+        }
         _ => {
-            let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid bearer token").into_response();
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or invalid bearer token",
+            )
+            .into_response();
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
             resp
         }
     }

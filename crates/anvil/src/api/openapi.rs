@@ -7,14 +7,43 @@ use utoipa::OpenApi;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "anvil", description = "Per-host sandbox daemon API (SPEC §4). Served on a Unix socket and optionally TCP (bearer token)."),
+    info(
+        title = "anvil",
+        description = "Per-host sandbox daemon API (SPEC §4). Served on a Unix socket and optionally TCP (bearer token)."
+    ),
     paths(
-        h::health, h::list_instances, h::create_instance, h::get_instance, h::destroy_instance, h::delete_instance,
-        h::checkpoint_instance, h::list_checkpoints, h::rollback_instance, h::delete_checkpoint, h::reset_instance,
-        h::pause_instance, h::resume_instance, h::set_ttl, h::exec_instance, h::get_file, h::put_file,
-        h::list_pools, h::get_pool, h::drain_pool, h::set_pool_sizing,
-        h::list_templates, h::create_template, h::get_template, h::delete_template, h::gc_templates,
-        h::list_policies, h::list_hooks, h::metrics, h::reload, h::host, h::openapi,
+        h::health,
+        h::list_instances,
+        h::create_instance,
+        h::get_instance,
+        h::destroy_instance,
+        h::delete_instance,
+        h::checkpoint_instance,
+        h::list_checkpoints,
+        h::rollback_instance,
+        h::delete_checkpoint,
+        h::reset_instance,
+        h::pause_instance,
+        h::resume_instance,
+        h::set_ttl,
+        h::exec_instance,
+        h::get_file,
+        h::put_file,
+        h::list_pools,
+        h::get_pool,
+        h::drain_pool,
+        h::set_pool_sizing,
+        h::list_templates,
+        h::create_template,
+        h::get_template,
+        h::delete_template,
+        h::gc_templates,
+        h::list_policies,
+        h::list_hooks,
+        h::metrics,
+        h::reload,
+        h::host,
+        h::openapi,
     ),
     components(schemas(ErrorBody, ExecStreamEvent))
 )]
@@ -24,7 +53,8 @@ pub struct ApiDoc;
 pub fn document() -> String {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
-    doc.to_pretty_json().unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    doc.to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
 #[cfg(test)]
@@ -46,7 +76,17 @@ mod tests {
     fn document_has_every_route() {
         let doc: serde_json::Value = serde_json::from_str(&super::document()).unwrap();
         let paths = doc["paths"].as_object().unwrap();
-        for p in ["/v1/health", "/v1/instances", "/v1/instances/{id}/exec", "/v1/instances/{id}/files", "/v1/pools/{backend}/{class}/sizing", "/v1/admin/reload", "/v1/host", "/v1/checkpoints/{checkpoint_id}", "/v1/templates/gc"] {
+        for p in [
+            "/v1/health",
+            "/v1/instances",
+            "/v1/instances/{id}/exec",
+            "/v1/instances/{id}/files",
+            "/v1/pools/{backend}/{class}/sizing",
+            "/v1/admin/reload",
+            "/v1/host",
+            "/v1/checkpoints/{checkpoint_id}",
+            "/v1/templates/gc",
+        ] {
             assert!(paths.contains_key(p), "missing {p}");
         }
     }

@@ -19,7 +19,11 @@ impl Manager {
                 for w in warnings {
                     warn!("{w}");
                 }
-                let names: Vec<String> = set.policies().iter().map(|p| p.policy_name.clone()).collect();
+                let names: Vec<String> = set
+                    .policies()
+                    .iter()
+                    .map(|p| p.policy_name.clone())
+                    .collect();
                 self.policies.store(Arc::new(set));
                 self.undrain_all();
                 info!(policies = ?names, "policies reloaded");
@@ -43,7 +47,11 @@ impl Manager {
                 available: p.available,
                 version: p.version,
                 reason: p.reason,
-                capabilities: self.registry.get_any(k).map(|b| b.capabilities()).unwrap_or_default(),
+                capabilities: self
+                    .registry
+                    .get_any(k)
+                    .map(|b| b.capabilities())
+                    .unwrap_or_default(),
             })
             .collect();
         let (total, avail) = crate::util::meminfo();
@@ -51,7 +59,12 @@ impl Manager {
             backends,
             cgroup_mode: crate::util::cgroup_mode().to_string(),
             kvm: std::path::Path::new("/dev/kvm").exists(),
-            capacity: CapacityView { max_instances: self.cfg.daemon.max_instances as u64, used: self.live_count().await, memory_total_bytes: total, memory_available_bytes: avail },
+            capacity: CapacityView {
+                max_instances: self.cfg.daemon.max_instances as u64,
+                used: self.live_count().await,
+                memory_total_bytes: total,
+                memory_available_bytes: avail,
+            },
             version: env!("CARGO_PKG_VERSION").to_string(),
         }
     }
@@ -64,7 +77,13 @@ impl Manager {
             if r.instance.state == SandboxState::Destroyed {
                 continue;
             }
-            self.metrics.instances.get_or_create(&StateLabels { state: r.instance.state.to_string(), backend: r.instance.backend.to_string() }).inc();
+            self.metrics
+                .instances
+                .get_or_create(&StateLabels {
+                    state: r.instance.state.to_string(),
+                    backend: r.instance.backend.to_string(),
+                })
+                .inc();
         }
     }
 
@@ -77,7 +96,12 @@ impl Manager {
             .map_err(|e| OpError::backend(id, "list", anvil_backends::BackendError::Agent(e)))?;
         Ok(entries
             .into_iter()
-            .map(|e| FileEntryView { name: e.name, kind: format!("{:?}", e.kind).to_lowercase(), size: e.size, mode: e.mode })
+            .map(|e| FileEntryView {
+                name: e.name,
+                kind: format!("{:?}", e.kind).to_lowercase(),
+                size: e.size,
+                mode: e.mode,
+            })
             .collect())
     }
 }

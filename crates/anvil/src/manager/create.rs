@@ -2,7 +2,9 @@
 
 use super::{Manager, OpError, RestoreGuard, Slot};
 use crate::metrics::{BackendLabels, BackendPathLabels, PoolLabels};
-use crate::model::{now_ms, rfc3339, CheckpointRecord, CreateRequest, CreateResponse, Instance, InstanceRecord};
+use crate::model::{
+    now_ms, rfc3339, CheckpointRecord, CreateRequest, CreateResponse, Instance, InstanceRecord,
+};
 use anvil_backends::registry::Registry;
 use anvil_backends::{InstanceSpec, Quota, TemplateFiles, VmSpec};
 use anvil_core::backend::{BackendKind, ResetMode};
@@ -34,12 +36,22 @@ pub(crate) struct Resolved {
 /// Marks each built-in hook available when a backend that owns it probed available.
 pub(crate) fn fill_hook_availability(hooks: &mut HookRegistry, registry: &Registry) {
     for view in hooks.list() {
-        let available_owner = view.owners.iter().find(|k| registry.availability(**k).is_ok());
+        let available_owner = view
+            .owners
+            .iter()
+            .find(|k| registry.availability(**k).is_ok());
         let _ = match available_owner {
             Some(k) => hooks.set_available(&view.name, true, Some(format!("provided by {k}"))),
             None => {
                 let owners: Vec<_> = view.owners.iter().map(|k| k.as_str()).collect();
-                hooks.set_available(&view.name, false, Some(format!("no available backend provides it (owners: {})", owners.join(", "))))
+                hooks.set_available(
+                    &view.name,
+                    false,
+                    Some(format!(
+                        "no available backend provides it (owners: {})",
+                        owners.join(", ")
+                    )),
+                )
             }
         };
     }
@@ -59,25 +71,33 @@ fn new_instance_id() -> String {
 impl Manager {
     fn validate_create(&self, req: &CreateRequest) -> Result<(), OpError> {
         if req.workload_class.trim().is_empty() {
-            return Err(OpError::BadRequest("`workload_class` must not be empty".into()));
+            return Err(OpError::BadRequest(
+                "`workload_class` must not be empty".into(),
+            ));
         }
         if let Some(id) = &req.id {
-            anvil_core::ids::validate_instance_id(id).map_err(|e| OpError::BadRequest(format!("`id`: {e}")))?;
+            anvil_core::ids::validate_instance_id(id)
+                .map_err(|e| OpError::BadRequest(format!("`id`: {e}")))?;
         }
         if let Some(ck) = &req.from_checkpoint {
-            anvil_core::ids::validate_instance_id(ck).map_err(|e| OpError::BadRequest(format!("`from_checkpoint`: {e}")))?;
+            anvil_core::ids::validate_instance_id(ck)
+                .map_err(|e| OpError::BadRequest(format!("`from_checkpoint`: {e}")))?;
         }
         if req.ttl_secs == Some(0) {
             return Err(OpError::BadRequest("`ttl_secs` must be at least 1".into()));
         }
         for k in req.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(OpError::BadRequest(format!("`env` key `{k}` is not a valid variable name")));
+                return Err(OpError::BadRequest(format!(
+                    "`env` key `{k}` is not a valid variable name"
+                )));
             }
         }
         for (k, v) in &req.labels {
             if k.is_empty() || k.len() > 128 || v.len() > 1024 {
-                return Err(OpError::BadRequest(format!("label `{k}` is empty or too long")));
+                return Err(OpError::BadRequest(format!(
+                    "label `{k}` is empty or too long"
+                )));
             }
         }
         Ok(())
@@ -85,14 +105,32 @@ impl Manager {
 
     /// The TTL of a new instance: the request's (bounded by max_ttl), else the policy's or the
     /// daemon's default.
-    fn resolve_ttl(&self, policy: &Policy, requested: Option<u64>, id: &str) -> Result<Option<u64>, OpError> {
-        let max = policy.limits.max_ttl.or(self.cfg.limits.max_ttl).map(|d| d.get().as_secs());
-        let ttl = requested.or_else(|| policy.limits.default_ttl.or(self.cfg.limits.default_ttl).map(|d| d.get().as_secs()));
+    fn resolve_ttl(
+        &self,
+        policy: &Policy,
+        requested: Option<u64>,
+        id: &str,
+    ) -> Result<Option<u64>, OpError> {
+        let max = policy
+            .limits
+            .max_ttl
+            .or(self.cfg.limits.max_ttl)
+            .map(|d| d.get().as_secs());
+        let ttl = requested.or_else(|| {
+            policy
+                .limits
+                .default_ttl
+                .or(self.cfg.limits.default_ttl)
+                .map(|d| d.get().as_secs())
+        });
         if let (Some(t), Some(m)) = (ttl, max) {
             if t > m {
                 return Err(OpError::Unprocessable {
                     code: "ttl_too_long",
-                    message: format!("ttl_secs {t} exceeds the maximum of {m} seconds set by policy `{}`", policy.policy_name),
+                    message: format!(
+                        "ttl_secs {t} exceeds the maximum of {m} seconds set by policy `{}`",
+                        policy.policy_name
+                    ),
                     instance_id: Some(id.to_string()),
                 });
             }
@@ -101,7 +139,11 @@ impl Manager {
     }
 
     pub(crate) fn find_template(&self, name_or_id: &str) -> Option<TemplateRecord> {
-        self.templates.read().unwrap_or_else(|e| e.into_inner()).get(name_or_id).cloned()
+        self.templates
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name_or_id)
+            .cloned()
     }
 
     /// Why `kind` cannot serve `template`, if it cannot.
@@ -115,27 +157,49 @@ impl Manager {
         match &t.status {
             TemplateStatus::Ready => {}
             // A failed VM snapshot only rules out VM backends; the rootfs still serves others.
-            TemplateStatus::Failed { .. } if kind != BackendKind::Firecracker && t.rootfs_dir.is_some() => {}
-            TemplateStatus::Failed { reason } => return Err(format!("template `{}` failed: {reason}", t.name)),
-            TemplateStatus::Building => return Err(format!("template `{}` is still building", t.name)),
+            TemplateStatus::Failed { .. }
+                if kind != BackendKind::Firecracker && t.rootfs_dir.is_some() => {}
+            TemplateStatus::Failed { reason } => {
+                return Err(format!("template `{}` failed: {reason}", t.name))
+            }
+            TemplateStatus::Building => {
+                return Err(format!("template `{}` is still building", t.name))
+            }
         }
         match kind {
-            BackendKind::Bubblewrap if t.rootfs_dir.is_none() => Err(format!("template `{}` has no rootfs directory for bubblewrap", t.name)),
+            BackendKind::Bubblewrap if t.rootfs_dir.is_none() => Err(format!(
+                "template `{}` has no rootfs directory for bubblewrap",
+                t.name
+            )),
             BackendKind::Firecracker if t.kernel.is_none() || t.rootfs_image.is_none() => {
-                Err(format!("template `{}` has no kernel and rootfs image for firecracker", t.name))
+                Err(format!(
+                    "template `{}` has no kernel and rootfs image for firecracker",
+                    t.name
+                ))
             }
             _ => Ok(()),
         }
     }
 
     /// Evaluates the policy, resolves the template and selects a backend.
-    pub(crate) fn resolve(&self, class: &str, labels: &BTreeMap<String, String>, template: Option<&str>, digest: Option<&str>, fork: Option<&CheckpointRecord>) -> Result<Resolved, OpError> {
+    pub(crate) fn resolve(
+        &self,
+        class: &str,
+        labels: &BTreeMap<String, String>,
+        template: Option<&str>,
+        digest: Option<&str>,
+        fork: Option<&CheckpointRecord>,
+    ) -> Result<Resolved, OpError> {
         let policies = self.policies.load();
         let policy = match policies.evaluate(class, labels) {
             Ok(p) => p.clone(),
             Err(e) => {
                 self.metrics.policy_eval_failures_total.inc();
-                return Err(OpError::Unprocessable { code: "no_matching_policy", message: e.to_string(), instance_id: None });
+                return Err(OpError::Unprocessable {
+                    code: "no_matching_policy",
+                    message: e.to_string(),
+                    instance_id: None,
+                });
             }
         };
         let template_name = fork
@@ -144,28 +208,49 @@ impl Manager {
             .or_else(|| policy.select.templates.first().cloned())
             .or_else(|| self.cfg.template.default.clone());
         let template = match &template_name {
-            Some(n) => Some(self.find_template(n).ok_or_else(|| OpError::Unprocessable {
-                code: "unknown_template",
-                message: format!("template `{n}` does not exist (import it with POST /v1/templates)"),
-                instance_id: None,
-            })?),
+            Some(n) => Some(
+                self.find_template(n)
+                    .ok_or_else(|| OpError::Unprocessable {
+                        code: "unknown_template",
+                        message: format!(
+                            "template `{n}` does not exist (import it with POST /v1/templates)"
+                        ),
+                        instance_id: None,
+                    })?,
+            ),
             None => None,
         };
         if let Some(t) = &template {
-            if !policy.select.templates.is_empty() && !policy.select.templates.iter().any(|n| n == &t.name || n == &t.id) {
+            if !policy.select.templates.is_empty()
+                && !policy
+                    .select
+                    .templates
+                    .iter()
+                    .any(|n| n == &t.name || n == &t.id)
+            {
                 return Err(OpError::Unprocessable {
                     code: "template_not_allowed",
-                    message: format!("policy `{}` does not allow template `{}` (allowed: {})", policy.policy_name, t.name, policy.select.templates.join(", ")),
+                    message: format!(
+                        "policy `{}` does not allow template `{}` (allowed: {})",
+                        policy.policy_name,
+                        t.name,
+                        policy.select.templates.join(", ")
+                    ),
                     instance_id: None,
                 });
             }
         }
-        let image_digest = template.as_ref().map(|t| t.image_digest.clone()).unwrap_or_else(|| NO_TEMPLATE_DIGEST.to_string());
+        let image_digest = template
+            .as_ref()
+            .map(|t| t.image_digest.clone())
+            .unwrap_or_else(|| NO_TEMPLATE_DIGEST.to_string());
         if let Some(d) = digest {
             if d != image_digest {
                 return Err(OpError::Unprocessable {
                     code: "digest_mismatch",
-                    message: format!("image_digest `{d}` does not match template digest `{image_digest}`"),
+                    message: format!(
+                        "image_digest `{d}` does not match template digest `{image_digest}`"
+                    ),
                     instance_id: None,
                 });
             }
@@ -189,26 +274,55 @@ impl Manager {
             }
         });
         let Some(backend) = decision.backend else {
-            let why: Vec<_> = decision.skipped.iter().map(|s| format!("{}: {}", s.backend, s.reason)).collect();
+            let why: Vec<_> = decision
+                .skipped
+                .iter()
+                .map(|s| format!("{}: {}", s.backend, s.reason))
+                .collect();
             return Err(OpError::Unavailable {
                 code: "no_backend_available",
-                message: format!("no backend of policy `{}` is available ({})", policy.policy_name, why.join("; ")),
+                message: format!(
+                    "no backend of policy `{}` is available ({})",
+                    policy.policy_name,
+                    why.join("; ")
+                ),
                 retry_after_secs: 5,
             });
         };
-        let mut hook_check = self.hooks.check(&policy, backend).map_err(|e| OpError::Unprocessable {
-            code: "missing_kernel_hook",
-            message: e.to_string(),
-            instance_id: None,
-        })?;
-        let supported = self.registry.get_any(backend).map(|b| b.capabilities().reset_modes).unwrap_or_default();
+        let mut hook_check =
+            self.hooks
+                .check(&policy, backend)
+                .map_err(|e| OpError::Unprocessable {
+                    code: "missing_kernel_hook",
+                    message: e.to_string(),
+                    instance_id: None,
+                })?;
+        let supported = self
+            .registry
+            .get_any(backend)
+            .map(|b| b.capabilities().reset_modes)
+            .unwrap_or_default();
         // `fail`/`continue` keep the policy's mode; a reset then answers 422 naming why.
-        let reset_mode = hook_check.effective_reset_mode(policy.pool.reset_mode, &supported).unwrap_or(policy.pool.reset_mode);
+        let reset_mode = hook_check
+            .effective_reset_mode(policy.pool.reset_mode, &supported)
+            .unwrap_or(policy.pool.reset_mode);
         decision.notes.extend(hook_check.notes.iter().cloned());
-        Ok(Resolved { policy, decision, backend, template, image_digest, reset_mode })
+        Ok(Resolved {
+            policy,
+            decision,
+            backend,
+            template,
+            image_digest,
+            reset_mode,
+        })
     }
 
-    pub(crate) fn build_spec(&self, id: &str, r: &Resolved, fork: Option<&CheckpointRecord>) -> InstanceSpec {
+    pub(crate) fn build_spec(
+        &self,
+        id: &str,
+        r: &Resolved,
+        fork: Option<&CheckpointRecord>,
+    ) -> InstanceSpec {
         let q = &r.policy.quota;
         let vm = (r.backend == BackendKind::Firecracker).then(|| VmSpec {
             vcpus: r.policy.vm.vcpus,
@@ -235,7 +349,14 @@ impl Manager {
         }
     }
 
-    fn new_record(&self, id: &str, r: &Resolved, spec: InstanceSpec, start_path: StartPath, class: &str) -> InstanceRecord {
+    fn new_record(
+        &self,
+        id: &str,
+        r: &Resolved,
+        spec: InstanceSpec,
+        start_path: StartPath,
+        class: &str,
+    ) -> InstanceRecord {
         let now = rfc3339(now_ms());
         InstanceRecord {
             instance: Instance {
@@ -282,16 +403,30 @@ impl Manager {
         Ok(slot)
     }
 
-    async fn idempotent_answer(&self, slot: &Arc<Slot>, fp: &str, id: &str) -> Result<(CreateResponse, bool), OpError> {
+    async fn idempotent_answer(
+        &self,
+        slot: &Arc<Slot>,
+        fp: &str,
+        id: &str,
+    ) -> Result<(CreateResponse, bool), OpError> {
         let rec = slot.rec.lock().await;
-        if rec.request_fingerprint.as_deref() == Some(fp) && rec.instance.state != SandboxState::Destroyed {
+        if rec.request_fingerprint.as_deref() == Some(fp)
+            && rec.instance.state != SandboxState::Destroyed
+        {
             let decision = rec.decision.clone().unwrap_or_else(|| Decision {
                 policy: rec.instance.policy.clone(),
                 backend: Some(rec.instance.backend),
                 skipped: Vec::new(),
                 notes: Vec::new(),
             });
-            return Ok((CreateResponse { start_path: rec.instance.start_path, instance: rec.instance.clone(), decision }, false));
+            return Ok((
+                CreateResponse {
+                    start_path: rec.instance.start_path,
+                    instance: rec.instance.clone(),
+                    decision,
+                },
+                false,
+            ));
         }
         Err(OpError::Conflict {
             code: "idempotency_conflict",
@@ -302,9 +437,16 @@ impl Manager {
 
     /// `POST /v1/instances`. Returns the response and whether a new instance was made
     /// (201) or an identical earlier request was answered again (200).
-    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<(CreateResponse, bool), OpError> {
+    pub async fn create(
+        self: &Arc<Self>,
+        req: CreateRequest,
+    ) -> Result<(CreateResponse, bool), OpError> {
         if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(OpError::Unavailable { code: "shutting_down", message: "the daemon is shutting down".into(), retry_after_secs: 5 });
+            return Err(OpError::Unavailable {
+                code: "shutting_down",
+                message: "the daemon is shutting down".into(),
+                retry_after_secs: 5,
+            });
         }
         self.validate_create(&req)?;
         let fp = fingerprint(&req);
@@ -314,16 +456,32 @@ impl Manager {
             }
         }
         let fork = match &req.from_checkpoint {
-            Some(ck) => Some(self.checkpoint_record(ck).ok_or_else(|| OpError::not_found(format!("checkpoint `{ck}` not found")))?),
+            Some(ck) => Some(
+                self.checkpoint_record(ck)
+                    .ok_or_else(|| OpError::not_found(format!("checkpoint `{ck}` not found")))?,
+            ),
             None => None,
         };
-        let r = self.resolve(&req.workload_class, &req.labels, req.template.as_deref(), req.image_digest.as_deref(), fork.as_ref())?;
+        let r = self.resolve(
+            &req.workload_class,
+            &req.labels,
+            req.template.as_deref(),
+            req.image_digest.as_deref(),
+            fork.as_ref(),
+        )?;
         let probe_id = req.id.clone().unwrap_or_default();
         let ttl = self.resolve_ttl(&r.policy, req.ttl_secs, &probe_id)?;
 
         if fork.is_none() {
-            let key = PoolKey { backend: r.backend, workload_class: req.workload_class.clone(), image_digest: r.image_digest.clone() };
-            let labels = PoolLabels { backend: r.backend.to_string(), workload_class: req.workload_class.clone() };
+            let key = PoolKey {
+                backend: r.backend,
+                workload_class: req.workload_class.clone(),
+                image_digest: r.image_digest.clone(),
+            };
+            let labels = PoolLabels {
+                backend: r.backend.to_string(),
+                workload_class: req.workload_class.clone(),
+            };
             while let Some(warm_id) = self.pools.claim(&key) {
                 match self.claim_warm(&warm_id, &req, &fp, ttl, &r).await {
                     Ok(resp) => {
@@ -331,7 +489,9 @@ impl Manager {
                         self.wake_pools.notify_one();
                         return Ok((resp, true));
                     }
-                    Err(e) => warn!(instance_id = %warm_id, error = %e, "warm instance could not be claimed; trying another"),
+                    Err(e) => {
+                        warn!(instance_id = %warm_id, error = %e, "warm instance could not be claimed; trying another")
+                    }
                 }
             }
             if self.pools.is_pooled(&key) {
@@ -343,15 +503,26 @@ impl Manager {
         if self.live_count().await >= self.cfg.daemon.max_instances as u64 {
             return Err(OpError::Unavailable {
                 code: "at_capacity",
-                message: format!("host is at capacity ({} instances, [daemon].max_instances)", self.cfg.daemon.max_instances),
+                message: format!(
+                    "host is at capacity ({} instances, [daemon].max_instances)",
+                    self.cfg.daemon.max_instances
+                ),
                 retry_after_secs: 1,
             });
         }
 
         let id = req.id.clone().unwrap_or_else(new_instance_id);
         // A fork, or a VM made from its template's boot snapshot, is a restore.
-        let from_snapshot = r.template.as_ref().is_some_and(|t| t.snapshot_dir.is_some()) && r.backend == BackendKind::Firecracker;
-        let start_path = if fork.is_some() || from_snapshot { StartPath::Restore } else { StartPath::Cold };
+        let from_snapshot = r
+            .template
+            .as_ref()
+            .is_some_and(|t| t.snapshot_dir.is_some())
+            && r.backend == BackendKind::Firecracker;
+        let start_path = if fork.is_some() || from_snapshot {
+            StartPath::Restore
+        } else {
+            StartPath::Cold
+        };
         let spec = self.build_spec(&id, &r, fork.as_ref());
         let mut rec = self.new_record(&id, &r, spec, start_path, &req.workload_class);
         rec.instance.labels = req.labels.clone();
@@ -364,14 +535,28 @@ impl Manager {
             Ok(s) => s,
             Err(existing) => return self.idempotent_answer(&existing, &fp, &id).await,
         };
-        let _restoring = fork.as_ref().map(|c| RestoreGuard::new(self, &c.checkpoint.checkpoint_id));
+        let _restoring = fork
+            .as_ref()
+            .map(|c| RestoreGuard::new(self, &c.checkpoint.checkpoint_id));
         let instance = self.spawn_into(&slot, SandboxState::Running).await?;
-        if let Err(e) = self.run_hooks(&slot, &r.policy.hooks.on_create.sequence).await {
-            let _ = self.destroy_slot(&slot, TerminationReason::SpawnFailed, None).await;
+        if let Err(e) = self
+            .run_hooks(&slot, &r.policy.hooks.on_create.sequence)
+            .await
+        {
+            let _ = self
+                .destroy_slot(&slot, TerminationReason::SpawnFailed, None)
+                .await;
             return Err(e);
         }
         let instance = self.slot_instance(&slot).await.unwrap_or(instance);
-        Ok((CreateResponse { start_path, instance, decision: r.decision }, true))
+        Ok((
+            CreateResponse {
+                start_path,
+                instance,
+                decision: r.decision,
+            },
+            true,
+        ))
     }
 
     pub(crate) async fn slot_instance(&self, slot: &Arc<Slot>) -> Option<Instance> {
@@ -380,13 +565,21 @@ impl Manager {
 
     /// Spawns the sandbox of a pending record in `slot` and moves it to `target` (running or
     /// warm). On failure the record ends destroyed with `spawn-failed`; nothing is left behind.
-    pub(crate) async fn spawn_into(self: &Arc<Self>, slot: &Arc<Slot>, target: SandboxState) -> Result<Instance, OpError> {
+    pub(crate) async fn spawn_into(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        target: SandboxState,
+    ) -> Result<Instance, OpError> {
         let mut rec = slot.rec.lock().await;
         let id = rec.instance.id.clone();
         let backend = self.backend(rec.instance.backend)?;
         Self::transition(&mut rec, SandboxState::Creating)?;
         self.persist(&rec)?;
-        let _permit = self.create_permits.acquire().await.map_err(OpError::internal)?;
+        let _permit = self
+            .create_permits
+            .acquire()
+            .await
+            .map_err(OpError::internal)?;
         let t0 = Instant::now();
         match backend.create(&rec.spec).await {
             Ok(rt) => {
@@ -405,11 +598,26 @@ impl Manager {
                 let elapsed = t0.elapsed().as_secs_f64();
                 let path = rec.instance.start_path.as_str().to_string();
                 let b = rec.instance.backend.to_string();
-                self.metrics.create_duration.get_or_create(&BackendPathLabels { backend: b.clone(), start_path: path.clone() }).observe(elapsed);
+                self.metrics
+                    .create_duration
+                    .get_or_create(&BackendPathLabels {
+                        backend: b.clone(),
+                        start_path: path.clone(),
+                    })
+                    .observe(elapsed);
                 if rec.instance.start_path == StartPath::Restore {
-                    self.metrics.restore_duration.get_or_create(&BackendLabels { backend: b.clone() }).observe(elapsed);
+                    self.metrics
+                        .restore_duration
+                        .get_or_create(&BackendLabels { backend: b.clone() })
+                        .observe(elapsed);
                 }
-                self.metrics.instances_created_total.get_or_create(&BackendPathLabels { backend: b, start_path: path }).inc();
+                self.metrics
+                    .instances_created_total
+                    .get_or_create(&BackendPathLabels {
+                        backend: b,
+                        start_path: path,
+                    })
+                    .inc();
                 info!(instance_id = %id, backend = %rec.instance.backend, state = %target, ms = t0.elapsed().as_millis() as u64, "instance created");
                 self.supervise(slot, rt);
                 Ok(rec.instance.clone())
@@ -423,16 +631,30 @@ impl Manager {
                 let _ = self.persist(&rec);
                 self.metrics
                     .instances_destroyed_total
-                    .get_or_create(&crate::metrics::ReasonLabels { backend: rec.instance.backend.to_string(), reason: "spawn-failed".into() })
+                    .get_or_create(&crate::metrics::ReasonLabels {
+                        backend: rec.instance.backend.to_string(),
+                        reason: "spawn-failed".into(),
+                    })
                     .inc();
                 warn!(instance_id = %id, error = %msg, "spawn failed");
-                Err(OpError::Unavailable { code: "spawn_failed", message: format!("creating instance `{id}` failed: {msg}"), retry_after_secs: 1 })
+                Err(OpError::Unavailable {
+                    code: "spawn_failed",
+                    message: format!("creating instance `{id}` failed: {msg}"),
+                    retry_after_secs: 1,
+                })
             }
         }
     }
 
     /// Hands a warm instance to a create request.
-    async fn claim_warm(self: &Arc<Self>, warm_id: &str, req: &CreateRequest, fp: &str, ttl: Option<u64>, r: &Resolved) -> Result<CreateResponse, OpError> {
+    async fn claim_warm(
+        self: &Arc<Self>,
+        warm_id: &str,
+        req: &CreateRequest,
+        fp: &str,
+        ttl: Option<u64>,
+        r: &Resolved,
+    ) -> Result<CreateResponse, OpError> {
         let slot = self.slot(warm_id)?;
         let mut rec = slot.rec.lock().await;
         if rec.instance.state != SandboxState::Warm {
@@ -458,32 +680,72 @@ impl Manager {
                 {
                     let mut map = self.slots.write().unwrap_or_else(|e| e.into_inner());
                     if map.contains_key(n) {
-                        return Err(OpError::Conflict { code: "idempotency_conflict", message: format!("instance `{n}` already exists"), instance_id: Some(n.clone()) });
+                        return Err(OpError::Conflict {
+                            code: "idempotency_conflict",
+                            message: format!("instance `{n}` already exists"),
+                            instance_id: Some(n.clone()),
+                        });
                     }
                     map.remove(warm_id);
                     map.insert(n.clone(), slot.clone());
                 }
-                self.store.rename_instance(warm_id, &rec).map_err(OpError::internal)?;
+                self.store
+                    .rename_instance(warm_id, &rec)
+                    .map_err(OpError::internal)?;
             }
             None => self.persist(&rec)?,
         }
         let b = rec.instance.backend.to_string();
-        self.metrics.instances_created_total.get_or_create(&BackendPathLabels { backend: b.clone(), start_path: "warm".into() }).inc();
-        self.metrics.create_duration.get_or_create(&BackendPathLabels { backend: b, start_path: "warm".into() }).observe(0.0);
+        self.metrics
+            .instances_created_total
+            .get_or_create(&BackendPathLabels {
+                backend: b.clone(),
+                start_path: "warm".into(),
+            })
+            .inc();
+        self.metrics
+            .create_duration
+            .get_or_create(&BackendPathLabels {
+                backend: b,
+                start_path: "warm".into(),
+            })
+            .observe(0.0);
         info!(instance_id = %rec.instance.id, warm_id, "claimed warm instance");
         let instance = rec.instance.clone();
-        Ok(CreateResponse { instance, decision: r.decision.clone(), start_path: StartPath::Warm })
+        Ok(CreateResponse {
+            instance,
+            decision: r.decision.clone(),
+            start_path: StartPath::Warm,
+        })
     }
 
     /// Starts one warm instance for `key` (pool refill).
-    pub(crate) async fn create_warm(self: &Arc<Self>, key: &PoolKey, policy_name: &str) -> Result<String, OpError> {
-        let policy = self.policies.load().get(policy_name).cloned().ok_or_else(|| OpError::not_found(format!("policy `{policy_name}`")))?;
+    pub(crate) async fn create_warm(
+        self: &Arc<Self>,
+        key: &PoolKey,
+        policy_name: &str,
+    ) -> Result<String, OpError> {
+        let policy = self
+            .policies
+            .load()
+            .get(policy_name)
+            .cloned()
+            .ok_or_else(|| OpError::not_found(format!("policy `{policy_name}`")))?;
         let labels = BTreeMap::new();
-        let r = self.resolve(&key.workload_class, &labels, None, Some(&key.image_digest), None)?;
+        let r = self.resolve(
+            &key.workload_class,
+            &labels,
+            None,
+            Some(&key.image_digest),
+            None,
+        )?;
         if r.backend != key.backend || r.policy.policy_name != policy.policy_name {
             return Err(OpError::Unavailable {
                 code: "pool_backend_changed",
-                message: format!("class {} now resolves to {} / {}", key.workload_class, r.backend, r.policy.policy_name),
+                message: format!(
+                    "class {} now resolves to {} / {}",
+                    key.workload_class, r.backend, r.policy.policy_name
+                ),
                 retry_after_secs: 1,
             });
         }
@@ -491,14 +753,20 @@ impl Manager {
         let spec = self.build_spec(&id, &r, None);
         let mut rec = self.new_record(&id, &r, spec, StartPath::Cold, &key.workload_class);
         rec.instance.pool = Some(key.clone());
-        let slot = self.reserve(&id, rec).map_err(|_| OpError::internal("instance id collision"))?;
+        let slot = self
+            .reserve(&id, rec)
+            .map_err(|_| OpError::internal("instance id collision"))?;
         self.spawn_into(&slot, SandboxState::Warm).await?;
         Ok(id)
     }
 
     /// Runs a hook sequence: `exec:<command>` entries run in the sandbox via its agent; named
     /// hooks were checked for availability at policy load and create.
-    pub(crate) async fn run_hooks(&self, slot: &Arc<Slot>, sequence: &[HookStep]) -> Result<(), OpError> {
+    pub(crate) async fn run_hooks(
+        &self,
+        slot: &Arc<Slot>,
+        sequence: &[HookStep],
+    ) -> Result<(), OpError> {
         for entry in sequence {
             let HookStep::Exec(cmd) = entry else { continue };
             let id = slot.rec.lock().await.instance.id.clone();
@@ -511,7 +779,12 @@ impl Manager {
             if out.exit_code != Some(0) {
                 return Err(OpError::Unprocessable {
                     code: "hook_failed",
-                    message: format!("hook `{entry}` failed with exit {:?} signal {:?}: {}", out.exit_code, out.signal, out.stderr.trim()),
+                    message: format!(
+                        "hook `{entry}` failed with exit {:?} signal {:?}: {}",
+                        out.exit_code,
+                        out.signal,
+                        out.stderr.trim()
+                    ),
                     instance_id: Some(id),
                 });
             }

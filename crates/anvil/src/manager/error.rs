@@ -8,36 +8,69 @@ pub enum OpError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{message}")]
-    NotFound { message: String, instance_id: Option<String> },
+    NotFound {
+        message: String,
+        instance_id: Option<String>,
+    },
     #[error("{message}")]
-    Conflict { code: &'static str, message: String, instance_id: Option<String> },
+    Conflict {
+        code: &'static str,
+        message: String,
+        instance_id: Option<String>,
+    },
     #[error("{message}")]
-    Unprocessable { code: &'static str, message: String, instance_id: Option<String> },
+    Unprocessable {
+        code: &'static str,
+        message: String,
+        instance_id: Option<String>,
+    },
     #[error("{message}")]
-    Unavailable { code: &'static str, message: String, retry_after_secs: u64 },
+    Unavailable {
+        code: &'static str,
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("{0}")]
     TooLarge(String),
     #[error("{message}")]
-    Backend { message: String, instance_id: Option<String>, source: BackendError },
+    Backend {
+        message: String,
+        instance_id: Option<String>,
+        source: BackendError,
+    },
     #[error("{0}")]
     Internal(String),
 }
 
 impl OpError {
     pub fn not_found(what: impl Into<String>) -> Self {
-        OpError::NotFound { message: what.into(), instance_id: None }
+        OpError::NotFound {
+            message: what.into(),
+            instance_id: None,
+        }
     }
 
     pub fn instance_not_found(id: &str) -> Self {
-        OpError::NotFound { message: format!("instance `{id}` not found"), instance_id: Some(id.to_string()) }
+        OpError::NotFound {
+            message: format!("instance `{id}` not found"),
+            instance_id: Some(id.to_string()),
+        }
     }
 
     pub fn conflict(id: &str, message: impl Into<String>) -> Self {
-        OpError::Conflict { code: "state_conflict", message: message.into(), instance_id: Some(id.to_string()) }
+        OpError::Conflict {
+            code: "state_conflict",
+            message: message.into(),
+            instance_id: Some(id.to_string()),
+        }
     }
 
     pub fn unsupported(id: &str, message: impl Into<String>) -> Self {
-        OpError::Unprocessable { code: "not_supported", message: message.into(), instance_id: Some(id.to_string()) }
+        OpError::Unprocessable {
+            code: "not_supported",
+            message: message.into(),
+            instance_id: Some(id.to_string()),
+        }
     }
 
     pub fn backend(id: &str, op: &str, e: BackendError) -> Self {
@@ -93,7 +126,9 @@ impl OpError {
 
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            OpError::Unavailable { retry_after_secs, .. } => Some(*retry_after_secs),
+            OpError::Unavailable {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
             _ => None,
         }
     }

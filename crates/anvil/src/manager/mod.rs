@@ -51,12 +51,22 @@ pub struct Slot {
 impl Slot {
     fn new(rec: InstanceRecord) -> Arc<Slot> {
         let template_hint = rec.instance.template.clone();
-        Arc::new(Slot { rec: tokio::sync::Mutex::new(rec), template_hint, generation: AtomicU64::new(0), supervisor: Mutex::new(None) })
+        Arc::new(Slot {
+            rec: tokio::sync::Mutex::new(rec),
+            template_hint,
+            generation: AtomicU64::new(0),
+            supervisor: Mutex::new(None),
+        })
     }
 
     fn stop_supervisor(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        if let Some(h) = self.supervisor.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        if let Some(h) = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
             h.abort();
         }
     }
@@ -106,15 +116,26 @@ impl Manager {
     }
 
     fn insert_slot(&self, id: &str, slot: Arc<Slot>) {
-        self.slots.write().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), slot);
+        self.slots
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), slot);
     }
 
     fn remove_slot(&self, id: &str) {
-        self.slots.write().unwrap_or_else(|e| e.into_inner()).remove(id);
+        self.slots
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 
     pub fn all_slots(&self) -> Vec<Arc<Slot>> {
-        self.slots.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Live (not destroyed) instances, for admission control.
@@ -129,11 +150,13 @@ impl Manager {
     }
 
     fn backend(&self, kind: anvil_core::backend::BackendKind) -> Result<Arc<dyn Backend>, OpError> {
-        self.registry.get_any(kind).ok_or_else(|| OpError::Unavailable {
-            code: "backend_unavailable",
-            message: format!("backend {kind} is not configured"),
-            retry_after_secs: 5,
-        })
+        self.registry
+            .get_any(kind)
+            .ok_or_else(|| OpError::Unavailable {
+                code: "backend_unavailable",
+                message: format!("backend {kind} is not configured"),
+                retry_after_secs: 5,
+            })
     }
 
     /// Writes a record; the caller holds the slot lock.
@@ -144,7 +167,12 @@ impl Manager {
     /// Applies a transition to the record (in memory; the caller persists).
     fn transition(rec: &mut InstanceRecord, to: SandboxState) -> Result<(), OpError> {
         let from = rec.instance.state;
-        from.transition(to).map_err(|e| OpError::conflict(&rec.instance.id, format!("instance `{}`: {e}", rec.instance.id)))?;
+        from.transition(to).map_err(|e| {
+            OpError::conflict(
+                &rec.instance.id,
+                format!("instance `{}`: {e}", rec.instance.id),
+            )
+        })?;
         rec.instance.state = to;
         rec.instance.updated_at = rfc3339(now_ms());
         Ok(())
@@ -154,7 +182,9 @@ impl Manager {
     fn supervise(self: &Arc<Self>, slot: &Arc<Slot>, runtime: Runtime) {
         slot.stop_supervisor();
         let gen = slot.generation.load(Ordering::SeqCst);
-        let Some(backend) = self.registry.get_any(runtime.backend) else { return };
+        let Some(backend) = self.registry.get_any(runtime.backend) else {
+            return;
+        };
         let me = Arc::downgrade(self);
         let s = slot.clone();
         let task = tokio::spawn(async move {
@@ -178,7 +208,12 @@ impl Manager {
 
     /// Destroys the instance in `slot` with `reason`. With `only_generation`, does nothing if
     /// the runtime has been replaced since (a stale supervisor). Idempotent.
-    pub(crate) async fn destroy_slot(self: &Arc<Self>, slot: &Arc<Slot>, reason: TerminationReason, only_generation: Option<u64>) -> Result<InstanceRecord, OpError> {
+    pub(crate) async fn destroy_slot(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        reason: TerminationReason,
+        only_generation: Option<u64>,
+    ) -> Result<InstanceRecord, OpError> {
         let mut rec = slot.rec.lock().await;
         if let Some(g) = only_generation {
             if slot.generation.load(Ordering::SeqCst) != g {
@@ -201,7 +236,8 @@ impl Manager {
             // Hibernated or never started: only its directory may be left.
             let dir = &rec.spec.instance_dir;
             if dir.exists() {
-                std::fs::remove_dir_all(dir).map_err(|e| OpError::internal(format!("removing {}: {e}", dir.display())))?;
+                std::fs::remove_dir_all(dir)
+                    .map_err(|e| OpError::internal(format!("removing {}: {e}", dir.display())))?;
             }
         }
         if let Some(key) = &rec.instance.pool {
@@ -216,7 +252,10 @@ impl Manager {
         self.persist(&rec)?;
         self.metrics
             .instances_destroyed_total
-            .get_or_create(&ReasonLabels { backend: rec.instance.backend.to_string(), reason: reason.as_str().to_string() })
+            .get_or_create(&ReasonLabels {
+                backend: rec.instance.backend.to_string(),
+                reason: reason.as_str().to_string(),
+            })
             .inc();
         info!(instance_id = %id, reason = reason.as_str(), "instance destroyed");
         self.wake_pools.notify_one();
@@ -224,11 +263,20 @@ impl Manager {
     }
 
     pub fn checkpoint_record(&self, id: &str) -> Option<CheckpointRecord> {
-        self.checkpoints.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+        self.checkpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
     }
 
     fn begin_restore(&self, checkpoint_id: &str) {
-        *self.restoring.lock().unwrap_or_else(|e| e.into_inner()).entry(checkpoint_id.to_string()).or_default() += 1;
+        *self
+            .restoring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(checkpoint_id.to_string())
+            .or_default() += 1;
     }
 
     fn end_restore(&self, checkpoint_id: &str) {
@@ -251,7 +299,10 @@ struct RestoreGuard<'a> {
 impl<'a> RestoreGuard<'a> {
     fn new(m: &'a Manager, id: &str) -> Self {
         m.begin_restore(id);
-        RestoreGuard { m, id: id.to_string() }
+        RestoreGuard {
+            m,
+            id: id.to_string(),
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 use super::{Manager, OpError, RestoreGuard, Slot};
 use crate::metrics::{BackendLabels, ModeLabels};
 use crate::model::{
-    now_ms, rfc3339, Checkpoint, CheckpointRecord, CheckpointResponse, ExecRequest, ExecResponse, Instance, ResetResponse,
+    now_ms, rfc3339, Checkpoint, CheckpointRecord, CheckpointResponse, ExecRequest, ExecResponse,
+    Instance, ResetResponse,
 };
 use anvil_backends::agent::{AgentClient, ExecEvent, ExecStream};
 use anvil_core::backend::BackendKind;
@@ -38,16 +39,28 @@ impl Manager {
         out
     }
 
-    pub async fn destroy(self: &Arc<Self>, id: &str, reason: TerminationReason) -> Result<Instance, OpError> {
+    pub async fn destroy(
+        self: &Arc<Self>,
+        id: &str,
+        reason: TerminationReason,
+    ) -> Result<Instance, OpError> {
         let slot = self.slot(id)?;
         // on_destroy `exec:` hooks run while the sandbox still runs; a failing hook is logged
         // and does not keep the sandbox alive.
         let (policy, running) = {
             let r = slot.rec.lock().await;
-            (r.instance.policy.clone(), r.instance.state == SandboxState::Running)
+            (
+                r.instance.policy.clone(),
+                r.instance.state == SandboxState::Running,
+            )
         };
         if running {
-            if let Some(seq) = self.policies.load().get(&policy).map(|p| p.hooks.on_destroy.sequence.clone()) {
+            if let Some(seq) = self
+                .policies
+                .load()
+                .get(&policy)
+                .map(|p| p.hooks.on_destroy.sequence.clone())
+            {
                 if let Err(e) = self.run_hooks(&slot, &seq).await {
                     tracing::warn!(instance_id = %id, error = %e, "on_destroy hook failed");
                 }
@@ -62,11 +75,23 @@ impl Manager {
         let mut rec = slot.rec.lock().await;
         let caps = self.backend(rec.instance.backend)?.capabilities();
         if !caps.pause {
-            return Err(OpError::unsupported(id, format!("pause is not supported by backend {}", rec.instance.backend)));
+            return Err(OpError::unsupported(
+                id,
+                format!("pause is not supported by backend {}", rec.instance.backend),
+            ));
         }
-        rec.instance.state.transition(SandboxState::Paused).map_err(|e| OpError::conflict(id, format!("instance `{id}`: {e}")))?;
-        let rt = rec.runtime.clone().ok_or_else(|| OpError::conflict(id, "instance has no runtime"))?;
-        self.backend(rt.backend)?.pause(&rt).await.map_err(|e| OpError::backend(id, "pause", e))?;
+        rec.instance
+            .state
+            .transition(SandboxState::Paused)
+            .map_err(|e| OpError::conflict(id, format!("instance `{id}`: {e}")))?;
+        let rt = rec
+            .runtime
+            .clone()
+            .ok_or_else(|| OpError::conflict(id, "instance has no runtime"))?;
+        self.backend(rt.backend)?
+            .pause(&rt)
+            .await
+            .map_err(|e| OpError::backend(id, "pause", e))?;
         Self::transition(&mut rec, SandboxState::Paused)?;
         self.persist(&rec)?;
         Ok(rec.instance.clone())
@@ -106,18 +131,37 @@ impl Manager {
     }
 
     /// Resets with the instance's effective reset mode; optionally returns it to its pool.
-    pub async fn reset(self: &Arc<Self>, id: &str, return_to_pool: bool) -> Result<ResetResponse, OpError> {
+    pub async fn reset(
+        self: &Arc<Self>,
+        id: &str,
+        return_to_pool: bool,
+    ) -> Result<ResetResponse, OpError> {
         let slot = self.slot(id)?;
         let mut rec = slot.rec.lock().await;
         if rec.instance.state != SandboxState::Running {
-            return Err(OpError::conflict(id, format!("instance `{id}` is {}; only running instances can be reset", rec.instance.state)));
+            return Err(OpError::conflict(
+                id,
+                format!(
+                    "instance `{id}` is {}; only running instances can be reset",
+                    rec.instance.state
+                ),
+            ));
         }
         let mode = rec.instance.reset_mode;
         let backend = self.backend(rec.instance.backend)?;
         if !backend.capabilities().supports_reset(mode) {
-            return Err(OpError::unsupported(id, format!("reset mode {mode} is not supported by backend {}", rec.instance.backend)));
+            return Err(OpError::unsupported(
+                id,
+                format!(
+                    "reset mode {mode} is not supported by backend {}",
+                    rec.instance.backend
+                ),
+            ));
         }
-        let rt = rec.runtime.clone().ok_or_else(|| OpError::conflict(id, "instance has no runtime"))?;
+        let rt = rec
+            .runtime
+            .clone()
+            .ok_or_else(|| OpError::conflict(id, "instance has no runtime"))?;
         Self::transition(&mut rec, SandboxState::Reset)?;
         self.persist(&rec)?;
         slot.stop_supervisor();
@@ -131,7 +175,9 @@ impl Manager {
                 // The sandbox is in an unknown state: it must not serve again.
                 drop(rec);
                 let err = OpError::backend(id, "reset", e);
-                let _ = self.destroy_slot(&slot, TerminationReason::Exited, None).await;
+                let _ = self
+                    .destroy_slot(&slot, TerminationReason::Exited, None)
+                    .await;
                 return Err(err);
             }
         };
@@ -140,11 +186,25 @@ impl Manager {
         rec.instance.reset_count += 1;
         rec.instance.from_checkpoint = None;
         let elapsed = t0.elapsed();
-        let labels = ModeLabels { backend: rec.instance.backend.to_string(), mode: mode.as_str().to_string() };
-        self.metrics.instances_resets_total.get_or_create(&labels).inc();
-        self.metrics.reset_duration.get_or_create(&labels).observe(elapsed.as_secs_f64());
+        let labels = ModeLabels {
+            backend: rec.instance.backend.to_string(),
+            mode: mode.as_str().to_string(),
+        };
+        self.metrics
+            .instances_resets_total
+            .get_or_create(&labels)
+            .inc();
+        self.metrics
+            .reset_duration
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
         let to_pool = return_to_pool && rec.instance.pool.is_some();
-        let to_pool = to_pool && rec.instance.pool.as_ref().is_some_and(|k| self.pools.has_room(k));
+        let to_pool = to_pool
+            && rec
+                .instance
+                .pool
+                .as_ref()
+                .is_some_and(|k| self.pools.has_room(k));
         if to_pool {
             Self::transition(&mut rec, SandboxState::Warm)?;
             rec.warm_since_ms = Some(now_ms());
@@ -173,12 +233,21 @@ impl Manager {
             }
         }
         info!(instance_id = %id, mode = %mode, ms = elapsed.as_millis() as u64, to_pool, "instance reset");
-        Ok(ResetResponse { instance, mode, duration_ms: elapsed.as_millis() as u64, returned_to_pool: to_pool })
+        Ok(ResetResponse {
+            instance,
+            mode,
+            duration_ms: elapsed.as_millis() as u64,
+            returned_to_pool: to_pool,
+        })
     }
 
     /// Checkpoints a running or paused instance. With `stop`, hibernates it: the runtime is
     /// released and the instance waits in `checkpointed` until resumed.
-    pub async fn checkpoint(self: &Arc<Self>, id: &str, stop: bool) -> Result<CheckpointResponse, OpError> {
+    pub async fn checkpoint(
+        self: &Arc<Self>,
+        id: &str,
+        stop: bool,
+    ) -> Result<CheckpointResponse, OpError> {
         let slot = self.slot(id)?;
         let mut rec = slot.rec.lock().await;
         let state = rec.instance.state;
@@ -188,12 +257,22 @@ impl Manager {
         let backend = self.backend(rec.instance.backend)?;
         let caps = backend.capabilities();
         if !caps.checkpoint_filesystem && !caps.checkpoint_memory {
-            return Err(OpError::unsupported(id, format!("checkpoints are not supported by backend {}", rec.instance.backend)));
+            return Err(OpError::unsupported(
+                id,
+                format!(
+                    "checkpoints are not supported by backend {}",
+                    rec.instance.backend
+                ),
+            ));
         }
-        let rt = rec.runtime.clone().ok_or_else(|| OpError::conflict(id, "instance has no runtime"))?;
+        let rt = rec
+            .runtime
+            .clone()
+            .ok_or_else(|| OpError::conflict(id, "instance has no runtime"))?;
         let ck_id = format!("ck-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
         let dir = self.checkpoint_dir(&ck_id);
-        std::fs::create_dir_all(&dir).map_err(|e| OpError::internal(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| OpError::internal(format!("creating {}: {e}", dir.display())))?;
         let t0 = Instant::now();
         let out = match backend.checkpoint(&rt, &dir).await {
             Ok(o) => o,
@@ -202,7 +281,12 @@ impl Manager {
                 return Err(OpError::backend(id, "checkpoint", e));
             }
         };
-        self.metrics.checkpoint_duration.get_or_create(&BackendLabels { backend: rec.instance.backend.to_string() }).observe(t0.elapsed().as_secs_f64());
+        self.metrics
+            .checkpoint_duration
+            .get_or_create(&BackendLabels {
+                backend: rec.instance.backend.to_string(),
+            })
+            .observe(t0.elapsed().as_secs_f64());
         let parent = self.latest_checkpoint_of(id);
         let record = CheckpointRecord {
             checkpoint: Checkpoint {
@@ -222,10 +306,16 @@ impl Manager {
             let _ = std::fs::remove_dir_all(&record.dir);
             return Err(OpError::internal(e));
         }
-        self.checkpoints.lock().unwrap_or_else(|e| e.into_inner()).insert(ck_id.clone(), record);
+        self.checkpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ck_id.clone(), record);
         if stop {
             slot.stop_supervisor();
-            backend.destroy(&rt).await.map_err(|e| OpError::backend(id, "hibernate", e))?;
+            backend
+                .destroy(&rt)
+                .await
+                .map_err(|e| OpError::backend(id, "hibernate", e))?;
             rec.runtime = None;
             if state == SandboxState::Running {
                 Self::transition(&mut rec, SandboxState::Paused)?;
@@ -236,7 +326,12 @@ impl Manager {
             self.wake_pools.notify_one();
         }
         info!(instance_id = %id, checkpoint_id = %ck_id, bytes = out.size_bytes, stop, "checkpoint taken");
-        Ok(CheckpointResponse { checkpoint_id: ck_id, instance_id: id.to_string(), kind: out.kind, size_bytes: out.size_bytes })
+        Ok(CheckpointResponse {
+            checkpoint_id: ck_id,
+            instance_id: id.to_string(),
+            kind: out.kind,
+            size_bytes: out.size_bytes,
+        })
     }
 
     fn latest_checkpoint_of(&self, id: &str) -> Option<String> {
@@ -249,51 +344,110 @@ impl Manager {
 
     pub fn checkpoints_of(&self, id: &str) -> Vec<Checkpoint> {
         let cks = self.checkpoints.lock().unwrap_or_else(|e| e.into_inner());
-        let mut v: Vec<_> = cks.values().filter(|c| c.checkpoint.instance_id == id).map(|c| c.checkpoint.clone()).collect();
+        let mut v: Vec<_> = cks
+            .values()
+            .filter(|c| c.checkpoint.instance_id == id)
+            .map(|c| c.checkpoint.clone())
+            .collect();
         v.sort_by(|a, b| a.created_at.cmp(&b.created_at));
         v
     }
 
     pub fn delete_checkpoint(&self, ck_id: &str) -> Result<(), OpError> {
-        if self.restoring.lock().unwrap_or_else(|e| e.into_inner()).contains_key(ck_id) {
-            return Err(OpError::Conflict { code: "checkpoint_in_use", message: format!("checkpoint `{ck_id}` is being restored from"), instance_id: None });
+        if self
+            .restoring
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(ck_id)
+        {
+            return Err(OpError::Conflict {
+                code: "checkpoint_in_use",
+                message: format!("checkpoint `{ck_id}` is being restored from"),
+                instance_id: None,
+            });
         }
-        let rec = self.checkpoint_record(ck_id).ok_or_else(|| OpError::not_found(format!("checkpoint `{ck_id}` not found")))?;
+        let rec = self
+            .checkpoint_record(ck_id)
+            .ok_or_else(|| OpError::not_found(format!("checkpoint `{ck_id}` not found")))?;
         // A hibernated instance needs its checkpoint to come back.
         for s in self.all_slots() {
             if let Ok(r) = s.rec.try_lock() {
-                if r.instance.state == SandboxState::Checkpointed && r.runtime.is_none() && r.instance.from_checkpoint.as_deref() == Some(ck_id) {
-                    return Err(OpError::Conflict { code: "checkpoint_in_use", message: format!("checkpoint `{ck_id}` holds hibernated instance `{}`", r.instance.id), instance_id: Some(r.instance.id.clone()) });
+                if r.instance.state == SandboxState::Checkpointed
+                    && r.runtime.is_none()
+                    && r.instance.from_checkpoint.as_deref() == Some(ck_id)
+                {
+                    return Err(OpError::Conflict {
+                        code: "checkpoint_in_use",
+                        message: format!(
+                            "checkpoint `{ck_id}` holds hibernated instance `{}`",
+                            r.instance.id
+                        ),
+                        instance_id: Some(r.instance.id.clone()),
+                    });
                 }
             }
         }
-        self.store.delete_checkpoint(ck_id).map_err(OpError::internal)?;
-        self.checkpoints.lock().unwrap_or_else(|e| e.into_inner()).remove(ck_id);
+        self.store
+            .delete_checkpoint(ck_id)
+            .map_err(OpError::internal)?;
+        self.checkpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(ck_id);
         if rec.dir.exists() {
-            std::fs::remove_dir_all(&rec.dir).map_err(|e| OpError::internal(format!("removing {}: {e}", rec.dir.display())))?;
+            std::fs::remove_dir_all(&rec.dir)
+                .map_err(|e| OpError::internal(format!("removing {}: {e}", rec.dir.display())))?;
         }
         Ok(())
     }
 
     /// Restores the instance in place to one of its checkpoints.
     pub async fn rollback(self: &Arc<Self>, id: &str, ck_id: &str) -> Result<Instance, OpError> {
-        let ck = self.checkpoint_record(ck_id).ok_or_else(|| OpError::not_found(format!("checkpoint `{ck_id}` not found")))?;
+        let ck = self
+            .checkpoint_record(ck_id)
+            .ok_or_else(|| OpError::not_found(format!("checkpoint `{ck_id}` not found")))?;
         let slot = self.slot(id)?;
         let mut rec = slot.rec.lock().await;
         if ck.checkpoint.instance_id != id && ck.checkpoint.template != rec.instance.template {
-            return Err(OpError::Unprocessable { code: "checkpoint_mismatch", message: format!("checkpoint `{ck_id}` belongs to another template"), instance_id: Some(id.into()) });
+            return Err(OpError::Unprocessable {
+                code: "checkpoint_mismatch",
+                message: format!("checkpoint `{ck_id}` belongs to another template"),
+                instance_id: Some(id.into()),
+            });
         }
         if ck.checkpoint.backend != rec.instance.backend {
-            return Err(OpError::Unprocessable { code: "checkpoint_mismatch", message: format!("checkpoint `{ck_id}` was made by {}", ck.checkpoint.backend), instance_id: Some(id.into()) });
+            return Err(OpError::Unprocessable {
+                code: "checkpoint_mismatch",
+                message: format!("checkpoint `{ck_id}` was made by {}", ck.checkpoint.backend),
+                instance_id: Some(id.into()),
+            });
         }
-        if !matches!(rec.instance.state, SandboxState::Running | SandboxState::Paused) {
-            return Err(OpError::conflict(id, format!("instance `{id}` is {}; only running or paused instances can roll back", rec.instance.state)));
+        if !matches!(
+            rec.instance.state,
+            SandboxState::Running | SandboxState::Paused
+        ) {
+            return Err(OpError::conflict(
+                id,
+                format!(
+                    "instance `{id}` is {}; only running or paused instances can roll back",
+                    rec.instance.state
+                ),
+            ));
         }
         let backend = self.backend(rec.instance.backend)?;
         if !backend.capabilities().rollback {
-            return Err(OpError::unsupported(id, format!("rollback is not supported by backend {}", rec.instance.backend)));
+            return Err(OpError::unsupported(
+                id,
+                format!(
+                    "rollback is not supported by backend {}",
+                    rec.instance.backend
+                ),
+            ));
         }
-        let rt = rec.runtime.clone().ok_or_else(|| OpError::conflict(id, "instance has no runtime"))?;
+        let rt = rec
+            .runtime
+            .clone()
+            .ok_or_else(|| OpError::conflict(id, "instance has no runtime"))?;
         let _g = RestoreGuard::new(self, ck_id);
         slot.stop_supervisor();
         let t0 = Instant::now();
@@ -302,11 +456,18 @@ impl Manager {
             Err(e) => {
                 drop(rec);
                 let err = OpError::backend(id, "rollback", e);
-                let _ = self.destroy_slot(&slot, TerminationReason::Exited, None).await;
+                let _ = self
+                    .destroy_slot(&slot, TerminationReason::Exited, None)
+                    .await;
                 return Err(err);
             }
         };
-        self.metrics.restore_duration.get_or_create(&BackendLabels { backend: rec.instance.backend.to_string() }).observe(t0.elapsed().as_secs_f64());
+        self.metrics
+            .restore_duration
+            .get_or_create(&BackendLabels {
+                backend: rec.instance.backend.to_string(),
+            })
+            .observe(t0.elapsed().as_secs_f64());
         rec.runtime = Some(new_rt.clone());
         rec.instance.from_checkpoint = Some(ck_id.to_string());
         if rec.instance.state == SandboxState::Paused {
@@ -324,13 +485,31 @@ impl Manager {
         }
         let slot = self.slot(id)?;
         let mut rec = slot.rec.lock().await;
-        if matches!(rec.instance.state, SandboxState::Destroyed | SandboxState::Warm) {
-            return Err(OpError::conflict(id, format!("instance `{id}` is {}", rec.instance.state)));
+        if matches!(
+            rec.instance.state,
+            SandboxState::Destroyed | SandboxState::Warm
+        ) {
+            return Err(OpError::conflict(
+                id,
+                format!("instance `{id}` is {}", rec.instance.state),
+            ));
         }
-        let max = self.policies.load().get(&rec.instance.policy).and_then(|p| p.limits.max_ttl).or(self.cfg.limits.max_ttl);
+        let max = self
+            .policies
+            .load()
+            .get(&rec.instance.policy)
+            .and_then(|p| p.limits.max_ttl)
+            .or(self.cfg.limits.max_ttl);
         if let Some(m) = max {
             if ttl_secs > m.get().as_secs() {
-                return Err(OpError::Unprocessable { code: "ttl_too_long", message: format!("ttl_secs {ttl_secs} exceeds the maximum of {}", m.get().as_secs()), instance_id: Some(id.into()) });
+                return Err(OpError::Unprocessable {
+                    code: "ttl_too_long",
+                    message: format!(
+                        "ttl_secs {ttl_secs} exceeds the maximum of {}",
+                        m.get().as_secs()
+                    ),
+                    instance_id: Some(id.into()),
+                });
             }
         }
         rec.instance.ttl_secs = Some(ttl_secs);
@@ -352,44 +531,88 @@ impl Manager {
         let id = rec.instance.id.clone();
         let backend = self.backend(rec.instance.backend)?;
         if !backend.capabilities().exec {
-            return Err(OpError::unsupported(&id, format!("exec is not supported by backend {}", rec.instance.backend)));
+            return Err(OpError::unsupported(
+                &id,
+                format!("exec is not supported by backend {}", rec.instance.backend),
+            ));
         }
         if rec.instance.state != SandboxState::Running {
-            return Err(OpError::conflict(&id, format!("instance `{id}` is {}; exec needs a running instance", rec.instance.state)));
+            return Err(OpError::conflict(
+                &id,
+                format!(
+                    "instance `{id}` is {}; exec needs a running instance",
+                    rec.instance.state
+                ),
+            ));
         }
-        let rt = rec.runtime.as_ref().ok_or_else(|| OpError::conflict(&id, "instance has no runtime"))?;
-        let ep = backend.agent_endpoint(rt).ok_or_else(|| OpError::unsupported(&id, format!("backend {} runs no agent", rec.instance.backend)))?;
-        Ok(ExecTarget { client: AgentClient::new(ep), backend: rec.instance.backend, id, env: rec.env.clone() })
+        let rt = rec
+            .runtime
+            .as_ref()
+            .ok_or_else(|| OpError::conflict(&id, "instance has no runtime"))?;
+        let ep = backend.agent_endpoint(rt).ok_or_else(|| {
+            OpError::unsupported(
+                &id,
+                format!("backend {} runs no agent", rec.instance.backend),
+            )
+        })?;
+        Ok(ExecTarget {
+            client: AgentClient::new(ep),
+            backend: rec.instance.backend,
+            id,
+            env: rec.env.clone(),
+        })
     }
 
-    pub async fn exec_start(&self, target: &ExecTarget, req: ExecRequest) -> Result<ExecStream, OpError> {
+    pub async fn exec_start(
+        &self,
+        target: &ExecTarget,
+        req: ExecRequest,
+    ) -> Result<ExecStream, OpError> {
         validate_exec(&req)?;
         let mut env = target.env.clone();
         env.extend(req.env);
         let stdin = req.stdin.map(|s| bytes::Bytes::from(s.into_bytes()));
-        let proto = anvil_backends::agent::ExecRequest { argv: req.cmd, env, cwd: req.cwd, timeout_ms: req.timeout_ms, stdin: stdin.is_some() };
-        target
-            .client
-            .exec(proto, stdin)
-            .await
-            .map_err(|e| OpError::backend(&target.id, "exec", anvil_backends::BackendError::Agent(e)))
+        let proto = anvil_backends::agent::ExecRequest {
+            argv: req.cmd,
+            env,
+            cwd: req.cwd,
+            timeout_ms: req.timeout_ms,
+            stdin: stdin.is_some(),
+        };
+        target.client.exec(proto, stdin).await.map_err(|e| {
+            OpError::backend(&target.id, "exec", anvil_backends::BackendError::Agent(e))
+        })
     }
 
     pub fn observe_exec(&self, backend: BackendKind, d: Duration) {
-        self.metrics.exec_duration.get_or_create(&BackendLabels { backend: backend.to_string() }).observe(d.as_secs_f64());
+        self.metrics
+            .exec_duration
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .observe(d.as_secs_f64());
     }
 
-    pub(crate) async fn exec_collect(&self, slot: &Arc<Slot>, req: ExecRequest) -> Result<ExecResponse, OpError> {
+    pub(crate) async fn exec_collect(
+        &self,
+        slot: &Arc<Slot>,
+        req: ExecRequest,
+    ) -> Result<ExecResponse, OpError> {
         let target = self.exec_target_of(slot).await?;
         self.exec_run(&target, req).await
     }
 
     /// Runs a command to completion and returns its output.
-    pub async fn exec_run(&self, target: &ExecTarget, req: ExecRequest) -> Result<ExecResponse, OpError> {
+    pub async fn exec_run(
+        &self,
+        target: &ExecTarget,
+        req: ExecRequest,
+    ) -> Result<ExecResponse, OpError> {
         let t0 = Instant::now();
         let mut stream = self.exec_start(target, req).await?;
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        let agent_err = |e| OpError::backend(&target.id, "exec", anvil_backends::BackendError::Agent(e));
+        let agent_err =
+            |e| OpError::backend(&target.id, "exec", anvil_backends::BackendError::Agent(e));
         while let Some(ev) = stream.next().await {
             match ev.map_err(agent_err)? {
                 ExecEvent::Stdout(b) => append_capped(&mut out, &b),
@@ -408,7 +631,10 @@ impl Manager {
             }
         }
         Err(OpError::Backend {
-            message: format!("exec in instance `{}`: the agent closed the stream without an exit status", target.id),
+            message: format!(
+                "exec in instance `{}`: the agent closed the stream without an exit status",
+                target.id
+            ),
             instance_id: Some(target.id.clone()),
             source: anvil_backends::BackendError::Other("agent stream ended early".into()),
         })
@@ -423,37 +649,81 @@ impl Manager {
                 .with_max_file_bytes(self.cfg.limits.max_file_body.bytes())
                 .read_file(path)
                 .await
-                .map_err(|e| OpError::backend(id, "file read", anvil_backends::BackendError::Agent(e))),
-            None => backend.read_file(&rt, path).await.map_err(|e| file_error(id, "file read", e)),
+                .map_err(|e| {
+                    OpError::backend(id, "file read", anvil_backends::BackendError::Agent(e))
+                }),
+            None => backend
+                .read_file(&rt, path)
+                .await
+                .map_err(|e| file_error(id, "file read", e)),
         }
     }
 
-    pub async fn write_file(&self, id: &str, path: &str, data: &[u8], mode: u32) -> Result<u64, OpError> {
+    pub async fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        data: &[u8],
+        mode: u32,
+    ) -> Result<u64, OpError> {
         validate_path(path)?;
         if mode > 0o7777 {
-            return Err(OpError::BadRequest(format!("mode {mode:o} is not a file mode")));
+            return Err(OpError::BadRequest(format!(
+                "mode {mode:o} is not a file mode"
+            )));
         }
         let (backend, rt, ep) = self.files_target(id).await?;
         match ep {
             Some(ep) => AgentClient::new(ep)
                 .write_file(path, data, mode)
                 .await
-                .map_err(|e| OpError::backend(id, "file write", anvil_backends::BackendError::Agent(e))),
-            None => backend.write_file(&rt, path, data, mode).await.map(|_| data.len() as u64).map_err(|e| file_error(id, "file write", e)),
+                .map_err(|e| {
+                    OpError::backend(id, "file write", anvil_backends::BackendError::Agent(e))
+                }),
+            None => backend
+                .write_file(&rt, path, data, mode)
+                .await
+                .map(|_| data.len() as u64)
+                .map_err(|e| file_error(id, "file write", e)),
         }
     }
 
-    async fn files_target(&self, id: &str) -> Result<(Arc<dyn anvil_backends::Backend>, anvil_backends::Runtime, Option<anvil_backends::agent::AgentEndpoint>), OpError> {
+    async fn files_target(
+        &self,
+        id: &str,
+    ) -> Result<
+        (
+            Arc<dyn anvil_backends::Backend>,
+            anvil_backends::Runtime,
+            Option<anvil_backends::agent::AgentEndpoint>,
+        ),
+        OpError,
+    > {
         let slot = self.slot(id)?;
         let rec = slot.rec.lock().await;
         let backend = self.backend(rec.instance.backend)?;
         if !backend.capabilities().files {
-            return Err(OpError::unsupported(id, format!("files are not supported by backend {}", rec.instance.backend)));
+            return Err(OpError::unsupported(
+                id,
+                format!(
+                    "files are not supported by backend {}",
+                    rec.instance.backend
+                ),
+            ));
         }
         if rec.instance.state != SandboxState::Running {
-            return Err(OpError::conflict(id, format!("instance `{id}` is {}; files need a running instance", rec.instance.state)));
+            return Err(OpError::conflict(
+                id,
+                format!(
+                    "instance `{id}` is {}; files need a running instance",
+                    rec.instance.state
+                ),
+            ));
         }
-        let rt = rec.runtime.clone().ok_or_else(|| OpError::conflict(id, "instance has no runtime"))?;
+        let rt = rec
+            .runtime
+            .clone()
+            .ok_or_else(|| OpError::conflict(id, "instance has no runtime"))?;
         let ep = backend.agent_endpoint(&rt);
         Ok((backend, rt, ep))
     }
@@ -473,8 +743,13 @@ fn append_capped(buf: &mut Vec<u8>, b: &[u8]) {
 
 fn file_error(id: &str, op: &str, e: anvil_backends::BackendError) -> OpError {
     match &e {
-        anvil_backends::BackendError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            OpError::NotFound { message: format!("{op}: {e}"), instance_id: Some(id.into()) }
+        anvil_backends::BackendError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            OpError::NotFound {
+                message: format!("{op}: {e}"),
+                instance_id: Some(id.into()),
+            }
         }
         anvil_backends::BackendError::Other(m) => OpError::BadRequest(m.clone()),
         _ => OpError::backend(id, op, e),
@@ -486,25 +761,35 @@ fn validate_exec(req: &ExecRequest) -> Result<(), OpError> {
         return Err(OpError::BadRequest("`cmd` must name a program".into()));
     }
     if req.cmd.iter().any(|a| a.contains('\0')) {
-        return Err(OpError::BadRequest("`cmd` arguments may not contain NUL bytes".into()));
+        return Err(OpError::BadRequest(
+            "`cmd` arguments may not contain NUL bytes".into(),
+        ));
     }
     if let Some(cwd) = &req.cwd {
         if !cwd.starts_with('/') {
-            return Err(OpError::BadRequest(format!("`cwd` `{cwd}` must be absolute")));
+            return Err(OpError::BadRequest(format!(
+                "`cwd` `{cwd}` must be absolute"
+            )));
         }
     }
     if req.timeout_ms == Some(0) {
-        return Err(OpError::BadRequest("`timeout_ms` must be at least 1".into()));
+        return Err(OpError::BadRequest(
+            "`timeout_ms` must be at least 1".into(),
+        ));
     }
     Ok(())
 }
 
 pub fn validate_path(path: &str) -> Result<(), OpError> {
     if !path.starts_with('/') {
-        return Err(OpError::BadRequest(format!("`path` `{path}` must be absolute")));
+        return Err(OpError::BadRequest(format!(
+            "`path` `{path}` must be absolute"
+        )));
     }
     if path.contains('\0') || path.len() > 4096 {
-        return Err(OpError::BadRequest("`path` contains NUL or is too long".into()));
+        return Err(OpError::BadRequest(
+            "`path` contains NUL or is too long".into(),
+        ));
     }
     Ok(())
 }

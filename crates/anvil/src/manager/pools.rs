@@ -48,7 +48,7 @@ impl Pools {
     }
 
     fn new_book(&self, sizing: PoolSizing) -> PoolBook {
-        PoolBook::with_settings(sizing, self.settings.clone())
+        PoolBook::with_settings(sizing, self.settings)
     }
 
     /// Takes the oldest warm instance of `key`, counting a hit or a miss.
@@ -85,23 +85,45 @@ impl Pools {
 
     /// Whether a reset instance may go back into `key` without exceeding `max`.
     pub fn has_room(&self, key: &PoolKey) -> bool {
-        self.entries().get(key).is_some_and(|e| !e.drained && e.book.stats().warm_count < e.book.sizing().max)
+        self.entries()
+            .get(key)
+            .is_some_and(|e| !e.drained && e.book.stats().warm_count < e.book.sizing().max)
     }
 
     pub fn restore_sizing(&self, rec: PoolSizingRecord) {
-        self.overrides.lock().unwrap_or_else(|e| e.into_inner()).insert((rec.backend, rec.workload_class), rec.sizing);
+        self.overrides
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((rec.backend, rec.workload_class), rec.sizing);
     }
 
     pub fn views(&self, backend: Option<BackendKind>, class: Option<&str>) -> Vec<PoolView> {
         self.entries()
             .iter()
-            .filter(|(k, _)| backend.is_none_or(|b| b == k.backend) && class.is_none_or(|c| c == k.workload_class))
-            .map(|(k, e)| PoolView { key: k.clone(), stats: e.book.stats() })
+            .filter(|(k, _)| {
+                backend.is_none_or(|b| b == k.backend)
+                    && class.is_none_or(|c| c == k.workload_class)
+            })
+            .map(|(k, e)| PoolView {
+                key: k.clone(),
+                stats: e.book.stats(),
+            })
             .collect()
     }
 
-    fn sizing_of(&self, backend: BackendKind, class: &str, policy: &anvil_core::policy::Policy, digest: &str) -> Option<PoolSizing> {
-        let ov = self.overrides.lock().unwrap_or_else(|e| e.into_inner()).get(&(backend, class.to_string())).cloned();
+    fn sizing_of(
+        &self,
+        backend: BackendKind,
+        class: &str,
+        policy: &anvil_core::policy::Policy,
+        digest: &str,
+    ) -> Option<PoolSizing> {
+        let ov = self
+            .overrides
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(backend, class.to_string()))
+            .cloned();
         match ov {
             Some(o) if o.image_digest.as_deref().is_some_and(|d| d != digest) => None,
             Some(o) => Some(PoolSizing {
@@ -110,7 +132,9 @@ impl Pools {
                 max: o.max,
                 enabled: o.enabled,
                 image_digest: o.image_digest,
-                warm_ttl_secs: o.warm_ttl_secs.unwrap_or(policy.pool.warm_ttl.get().as_secs()),
+                warm_ttl_secs: o
+                    .warm_ttl_secs
+                    .unwrap_or(policy.pool.warm_ttl.get().as_secs()),
             }),
             None if policy.pool.enabled && self.enabled => Some(PoolSizing {
                 min: policy.pool.min,
@@ -127,15 +151,33 @@ impl Pools {
 
 impl Manager {
     /// Validates and stores a sizing override for (backend, class); resumes a drained pool.
-    pub async fn set_sizing(self: &Arc<Self>, backend: BackendKind, class: &str, req: SizingRequest) -> Result<Vec<PoolView>, super::OpError> {
+    pub async fn set_sizing(
+        self: &Arc<Self>,
+        backend: BackendKind,
+        class: &str,
+        req: SizingRequest,
+    ) -> Result<Vec<PoolView>, super::OpError> {
         if req.min > req.target || req.target > req.max {
-            return Err(super::OpError::BadRequest(format!("sizing needs min <= target <= max (got min {}, target {}, max {})", req.min, req.target, req.max)));
+            return Err(super::OpError::BadRequest(format!(
+                "sizing needs min <= target <= max (got min {}, target {}, max {})",
+                req.min, req.target, req.max
+            )));
         }
         if self.registry.availability(backend).is_err() {
-            return Err(super::OpError::Unprocessable { code: "backend_unavailable", message: format!("backend {backend} is not available on this host"), instance_id: None });
+            return Err(super::OpError::Unprocessable {
+                code: "backend_unavailable",
+                message: format!("backend {backend} is not available on this host"),
+                instance_id: None,
+            });
         }
-        let rec = PoolSizingRecord { backend, workload_class: class.to_string(), sizing: req.clone() };
-        self.store.put_pool_sizing(&rec).map_err(super::OpError::internal)?;
+        let rec = PoolSizingRecord {
+            backend,
+            workload_class: class.to_string(),
+            sizing: req.clone(),
+        };
+        self.store
+            .put_pool_sizing(&rec)
+            .map_err(super::OpError::internal)?;
         self.pools.restore_sizing(rec);
         for (k, e) in self.pools.entries().iter_mut() {
             if k.backend == backend && k.workload_class == class {
@@ -164,7 +206,9 @@ impl Manager {
         for id in ids {
             match self.destroy(&id, TerminationReason::Drained).await {
                 Ok(_) => drained.push(id),
-                Err(e) => warn!(instance_id = %id, error = %e, "drain could not destroy warm instance"),
+                Err(e) => {
+                    warn!(instance_id = %id, error = %e, "drain could not destroy warm instance")
+                }
             }
         }
         drained
@@ -201,7 +245,11 @@ impl Manager {
         {
             let mut entries = self.pools.entries();
             for (key, (policy, sizing)) in &desired {
-                let e = entries.entry(key.clone()).or_insert_with(|| PoolEntry { book: self.pools.new_book(sizing.clone()), policy: policy.clone(), drained: false });
+                let e = entries.entry(key.clone()).or_insert_with(|| PoolEntry {
+                    book: self.pools.new_book(sizing.clone()),
+                    policy: policy.clone(),
+                    drained: false,
+                });
                 e.policy = policy.clone();
                 e.book.set_sizing(sizing.clone());
             }
@@ -211,7 +259,7 @@ impl Manager {
                     e.book.set_sizing(PoolSizing::default());
                 }
                 let plan = e.book.plan(now);
-                to_evict.extend(plan.evict.into_iter());
+                to_evict.extend(plan.evict);
                 if !e.drained && !e.policy.is_empty() {
                     for _ in 0..plan.create {
                         e.book.creation_started();
@@ -219,12 +267,23 @@ impl Manager {
                     }
                 }
             }
-            entries.retain(|k, e| desired_keys.contains(k) || e.book.stats().warm_count > 0 || e.book.in_flight() > 0);
+            entries.retain(|k, e| {
+                desired_keys.contains(k) || e.book.stats().warm_count > 0 || e.book.in_flight() > 0
+            });
             for (k, e) in entries.iter() {
-                let l = PoolLabels { backend: k.backend.to_string(), workload_class: k.workload_class.clone() };
+                let l = PoolLabels {
+                    backend: k.backend.to_string(),
+                    workload_class: k.workload_class.clone(),
+                };
                 let st = e.book.stats();
-                self.metrics.pool_warm.get_or_create(&l).set(st.warm_count as i64);
-                self.metrics.pool_target.get_or_create(&l).set(st.target as i64);
+                self.metrics
+                    .pool_warm
+                    .get_or_create(&l)
+                    .set(st.warm_count as i64);
+                self.metrics
+                    .pool_target
+                    .get_or_create(&l)
+                    .set(st.target as i64);
             }
         }
         for id in to_evict {
@@ -260,7 +319,13 @@ impl Manager {
                     }
                     Err(e) => {
                         warn!(backend = %key.backend, class = %key.workload_class, error = %e, "pool refill failed");
-                        me.metrics.pool_refill_failures_total.get_or_create(&PoolLabels { backend: key.backend.to_string(), workload_class: key.workload_class.clone() }).inc();
+                        me.metrics
+                            .pool_refill_failures_total
+                            .get_or_create(&PoolLabels {
+                                backend: key.backend.to_string(),
+                                workload_class: key.workload_class.clone(),
+                            })
+                            .inc();
                         if let Some(e) = me.pools.entries().get_mut(&key) {
                             e.book.creation_finished(false, now_ms());
                         }
@@ -282,15 +347,24 @@ impl Manager {
         for p in policies.policies() {
             for class in &p.matches.workload_class {
                 // Only the policy that actually wins for this class owns its pool.
-                let Ok(r) = self.resolve(class, &labels, None, None, None) else { continue };
+                let Ok(r) = self.resolve(class, &labels, None, None, None) else {
+                    continue;
+                };
                 if r.policy.policy_name != p.policy_name {
                     continue;
                 }
-                let Some(sizing) = self.pools.sizing_of(r.backend, class, p, &r.image_digest) else { continue };
+                let Some(sizing) = self.pools.sizing_of(r.backend, class, p, &r.image_digest)
+                else {
+                    continue;
+                };
                 if !sizing.enabled || sizing.max == 0 {
                     continue;
                 }
-                let key = PoolKey { backend: r.backend, workload_class: class.to_string(), image_digest: r.image_digest.clone() };
+                let key = PoolKey {
+                    backend: r.backend,
+                    workload_class: class.to_string(),
+                    image_digest: r.image_digest.clone(),
+                };
                 out.insert(key, (p.policy_name.clone(), sizing));
             }
         }

@@ -33,7 +33,13 @@ impl Manager {
             let Ok(r) = s.rec.try_lock() else { continue };
             match r.instance.state {
                 SandboxState::Destroyed => {
-                    let at = r.instance.destroyed_at.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map(|t| t.timestamp_millis() as u64).unwrap_or(0);
+                    let at = r
+                        .instance
+                        .destroyed_at
+                        .as_deref()
+                        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                        .map(|t| t.timestamp_millis() as u64)
+                        .unwrap_or(0);
                     tombstones.push((at, r.instance.id.clone()));
                 }
                 SandboxState::Warm => {}
@@ -52,10 +58,8 @@ impl Manager {
         tombstones.sort();
         let excess = tombstones.len().saturating_sub(MAX_TOMBSTONES);
         for (i, (at, id)) in tombstones.into_iter().enumerate() {
-            if i < excess || at + TOMBSTONE_MS <= now {
-                if self.store.delete_instance(&id).is_ok() {
-                    self.remove_slot(&id);
-                }
+            if (i < excess || at + TOMBSTONE_MS <= now) && self.store.delete_instance(&id).is_ok() {
+                self.remove_slot(&id);
             }
         }
     }

@@ -6,8 +6,8 @@ use crate::metrics::Metrics;
 use crate::model::{now_ms, InstanceRecord};
 use crate::policies::load_policy_dir;
 use crate::store::Store;
-use anvil_backends::registry::{construct, BackendSettings};
 use anvil_backends::registry::Registry;
+use anvil_backends::registry::{construct, BackendSettings};
 use anvil_core::config::Config;
 use anvil_core::hooks::HookRegistry;
 use anvil_core::lifecycle::{SandboxState, TerminationReason};
@@ -34,12 +34,20 @@ pub fn find_agent(cfg: &Config) -> PathBuf {
         dir.join("../../x86_64-unknown-linux-gnu/release/anvil-agent"),
         PathBuf::from("/usr/libexec/anvil/anvil-agent"),
     ];
-    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| candidates[0].clone())
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| candidates[0].clone())
 }
 
 pub fn backend_settings(cfg: &Config, kind: anvil_core::backend::BackendKind) -> BackendSettings {
     BackendSettings {
-        binary: cfg.backends.binary(kind).map(Path::to_path_buf).unwrap_or_default(),
+        binary: cfg
+            .backends
+            .binary(kind)
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
         agent: find_agent(cfg),
         jailer: cfg.backends.jailer.clone(),
         cgroup_root: cfg.cgroup.root.clone(),
@@ -62,13 +70,19 @@ fn check_cgroup_mode(cfg: &Config) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("[cgroup].mode = \"{wanted}\" but this host's cgroup layout is {host}"))
+        Err(format!(
+            "[cgroup].mode = \"{wanted}\" but this host's cgroup layout is {host}"
+        ))
     }
 }
 
 /// Builds the registry of every configured backend, probed.
 pub async fn build_registry(cfg: &Config) -> Registry {
-    let backends = cfg.backends.configured().map(|k| construct(k, &backend_settings(cfg, k))).collect();
+    let backends = cfg
+        .backends
+        .configured()
+        .map(|k| construct(k, &backend_settings(cfg, k)))
+        .collect();
     Registry::build(backends).await
 }
 
@@ -78,8 +92,14 @@ impl Manager {
     pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Arc<Manager>, String> {
         check_cgroup_mode(&cfg)?;
         let state_dir = cfg.daemon.state_dir.clone();
-        for d in [state_dir.clone(), state_dir.join("instances"), state_dir.join("checkpoints"), cfg.storage_templates_dir()] {
-            std::fs::create_dir_all(&d).map_err(|e| format!("cannot create state directory {}: {e}", d.display()))?;
+        for d in [
+            state_dir.clone(),
+            state_dir.join("instances"),
+            state_dir.join("checkpoints"),
+            cfg.storage_templates_dir(),
+        ] {
+            std::fs::create_dir_all(&d)
+                .map_err(|e| format!("cannot create state directory {}: {e}", d.display()))?;
         }
         let store = Store::open(&state_dir).map_err(|e| e.to_string())?;
         let (policies, warnings) = load_policy_dir(&cfg)?;
@@ -176,7 +196,12 @@ impl Manager {
         let backend = self.registry.get_any(rec.instance.backend);
         let alive = match (&rec.runtime, &backend) {
             // Half-created when the daemon died: never acknowledged, clean it up.
-            (_, _) if matches!(state, SandboxState::Pending | SandboxState::Creating | SandboxState::Reset) => {
+            (_, _)
+                if matches!(
+                    state,
+                    SandboxState::Pending | SandboxState::Creating | SandboxState::Reset
+                ) =>
+            {
                 if let (Some(rt), Some(b)) = (&rec.runtime, &backend) {
                     let _ = b.destroy(rt).await;
                 }
@@ -198,7 +223,8 @@ impl Manager {
             }
             if state == SandboxState::Warm {
                 if let Some(key) = &rec.instance.pool {
-                    self.pools.adopt_warm(key, &id, rec.warm_since_ms.unwrap_or_else(now_ms));
+                    self.pools
+                        .adopt_warm(key, &id, rec.warm_since_ms.unwrap_or_else(now_ms));
                 }
             }
             info!(instance_id = %id, state = %state, "re-adopted instance");
@@ -221,7 +247,9 @@ impl Manager {
     /// Instance directories that no record owns (a crash between mkdir and the first write).
     fn cleanup_orphan_dirs(&self) {
         let dir = self.state_dir().join("instances");
-        let Ok(rd) = std::fs::read_dir(&dir) else { return };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
         let known: std::collections::HashSet<PathBuf> = self
             .all_slots()
             .iter()
