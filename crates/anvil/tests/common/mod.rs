@@ -48,7 +48,8 @@ pub struct Response {
 
 impl Response {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -92,7 +93,11 @@ pub struct Daemon {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The static agent built by scripts/build-agent.sh (or $ANVIL_AGENT_BIN).
@@ -101,14 +106,19 @@ pub fn agent_binary() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     let p = target.join("x86_64-unknown-linux-gnu/release/anvil-agent");
     p.is_file().then_some(p)
 }
 
 impl Daemon {
     pub fn start(opts: Opts) -> Daemon {
-        let dir = tempfile::Builder::new().prefix("anvil-test-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("anvil-test-")
+            .tempdir()
+            .unwrap();
         let socket = dir.path().join("api.sock");
         let pdir = dir.path().join("policies");
         std::fs::create_dir_all(&pdir).unwrap();
@@ -127,16 +137,37 @@ impl Daemon {
                 None => listen.push_str("allow_unauthenticated = true\n"),
             }
         }
-        let agent = agent_binary().map(|p| format!("agent_binary = \"{}\"\n", p.display())).unwrap_or_default();
-        let cgroup_root = format!("anvil-test-{}", dir.path().file_name().unwrap().to_string_lossy().replace("anvil-test-", ""));
+        let agent = agent_binary()
+            .map(|p| format!("agent_binary = \"{}\"\n", p.display()))
+            .unwrap_or_default();
+        let cgroup_root = format!(
+            "anvil-test-{}",
+            dir.path()
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .replace("anvil-test-", "")
+        );
         let cfg = format!(
             "[daemon]\nlog_level = \"debug\"\nstate_dir = \"state\"\nsocket = \"api.sock\"\nshutdown = \"destroy\"\n{agent}{}\n{listen}\n[backends]\n{}\n\n[policy]\ndir = \"policies\"\n\n[cgroup]\nroot = \"{cgroup_root}\"\n\n{}\n",
             opts.daemon_extra, opts.backends, opts.extra
         );
         let config = dir.path().join("config.toml");
         std::fs::write(&config, cfg).unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let mut d = Daemon { dir, socket, config, tcp_addr, token: opts.token, child: None, rt };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut d = Daemon {
+            dir,
+            socket,
+            config,
+            tcp_addr,
+            token: opts.token,
+            child: None,
+            rt,
+        };
         d.spawn();
         d
     }
@@ -155,7 +186,11 @@ impl Daemon {
 
     /// Starts the daemon (again) and waits until it answers.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path()).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_anvil"))
             .args(["daemon", "start", "--config"])
             .arg(&self.config)
@@ -177,7 +212,11 @@ impl Daemon {
                     panic!("daemon exited with {st} during start:\n{}", self.log());
                 }
             }
-            assert!(t0.elapsed() < Duration::from_secs(20), "daemon did not start:\n{}", self.log());
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon did not start:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -217,17 +256,26 @@ impl Daemon {
         }
     }
 
-    pub fn try_request(&self, method: &str, path: &str, body: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Result<Response, String> {
+    pub fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Result<Response, String> {
         let socket = self.socket.clone();
         let req = build(method, path, body, headers);
         self.rt.block_on(async move {
-            let stream = tokio::net::UnixStream::connect(&socket).await.map_err(|e| e.to_string())?;
+            let stream = tokio::net::UnixStream::connect(&socket)
+                .await
+                .map_err(|e| e.to_string())?;
             send(TokioIo::new(stream), req).await
         })
     }
 
     pub fn request(&self, method: &str, path: &str, body: Option<Vec<u8>>) -> Response {
-        self.try_request(method, path, body, &[]).unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()))
+        self.try_request(method, path, body, &[])
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()))
     }
 
     pub fn get(&self, path: &str) -> Response {
@@ -247,14 +295,25 @@ impl Daemon {
     }
 
     /// A request over TCP, with `Authorization: Bearer <token>` when given.
-    pub fn tcp(&self, method: &str, path: &str, body: Option<Vec<u8>>, token: Option<&str>) -> Response {
+    pub fn tcp(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        token: Option<&str>,
+    ) -> Response {
         let addr = self.tcp_addr.clone().expect("daemon has no TCP listener");
         let auth = token.map(|t| format!("Bearer {t}"));
-        let headers: Vec<(&str, &str)> = auth.as_deref().map(|a| vec![("authorization", a)]).unwrap_or_default();
+        let headers: Vec<(&str, &str)> = auth
+            .as_deref()
+            .map(|a| vec![("authorization", a)])
+            .unwrap_or_default();
         let req = build(method, path, body, &headers);
         self.rt
             .block_on(async move {
-                let stream = tokio::net::TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
+                let stream = tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 send(TokioIo::new(stream), req).await
             })
             .unwrap_or_else(|e| panic!("tcp {method} {path}: {e}"))
@@ -271,7 +330,11 @@ impl Daemon {
     pub fn wait_for(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         let t0 = Instant::now();
         while !f() {
-            assert!(t0.elapsed() < timeout, "timed out waiting for {what}\n{}", self.log());
+            assert!(
+                t0.elapsed() < timeout,
+                "timed out waiting for {what}\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(25));
         }
     }
@@ -283,20 +346,192 @@ impl Drop for Daemon {
     }
 }
 
-fn build(method: &str, path: &str, body: Option<Vec<u8>>, headers: &[(&str, &str)]) -> Request<Full<bytes::Bytes>> {
-    let mut b = Request::builder().method(method).uri(path).header("host", "anvil");
+fn build(
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    headers: &[(&str, &str)],
+) -> Request<Full<bytes::Bytes>> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "anvil");
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    b.body(Full::new(bytes::Bytes::from(body.unwrap_or_default()))).unwrap()
+    b.body(Full::new(bytes::Bytes::from(body.unwrap_or_default())))
+        .unwrap()
 }
 
-async fn send<T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static>(io: T, req: Request<Full<bytes::Bytes>>) -> Result<Response, String> {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+async fn send<T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static>(
+    io: T,
+    req: Request<Full<bytes::Bytes>>,
+) -> Result<Response, String> {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes().to_vec();
-    Ok(Response { status, headers, body })
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes()
+        .to_vec();
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+// ---- helpers added for the api_* tests ----
+
+/// Asserts an error answer: the status, the JSON body `{error, code, status}` with a
+/// non-empty message, and (when given) the machine code. Returns the body.
+pub fn expect_error(r: &Response, status: u16, code: Option<&str>) -> serde_json::Value {
+    assert_eq!(
+        r.status,
+        status,
+        "expected {status}, got {}: {}",
+        r.status,
+        r.text()
+    );
+    let ct = r
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    assert!(
+        ct.starts_with("application/json"),
+        "error content-type `{ct}`: {}",
+        r.text()
+    );
+    let v = r.json();
+    assert_eq!(v["status"], status, "status field: {v}");
+    assert!(
+        v["error"].as_str().is_some_and(|s| !s.is_empty()),
+        "error message: {v}"
+    );
+    assert!(
+        v["code"].as_str().is_some_and(|s| !s.is_empty()),
+        "code: {v}"
+    );
+    if let Some(c) = code {
+        assert_eq!(v["code"], c, "code: {v}");
+    }
+    v
+}
+
+impl Daemon {
+    /// GET an instance's JSON (asserting 200).
+    pub fn instance(&self, id: &str) -> serde_json::Value {
+        let r = self.get(&format!("/v1/instances/{id}"));
+        assert_eq!(r.status, 200, "GET instance {id}: {}", r.text());
+        r.json()
+    }
+
+    /// The state of an instance.
+    pub fn state_of(&self, id: &str) -> String {
+        self.instance(id)["state"].as_str().unwrap().to_string()
+    }
+
+    /// Ids of the instances `GET /v1/instances?<query>` lists.
+    pub fn ids(&self, query: &str) -> Vec<String> {
+        let r = self.get(&format!("/v1/instances?{query}"));
+        assert_eq!(r.status, 200, "list ?{query}: {}", r.text());
+        r.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Stats of the pool (backend, class), if it exists.
+    pub fn pool_stats(&self, backend: &str, class: &str) -> Option<serde_json::Value> {
+        let r = self.get(&format!("/v1/pools/{backend}/{class}"));
+        assert_eq!(r.status, 200, "pool {backend}/{class}: {}", r.text());
+        r.json()
+            .as_array()
+            .unwrap()
+            .first()
+            .map(|p| p["stats"].clone())
+    }
+
+    /// Warm count of the pool (0 when it does not exist).
+    pub fn warm_count(&self, backend: &str, class: &str) -> u64 {
+        self.pool_stats(backend, class)
+            .map(|s| s["warm_count"].as_u64().unwrap())
+            .unwrap_or(0)
+    }
+
+    /// A JSON request with any method.
+    pub fn json_req(&self, method: &str, path: &str, body: serde_json::Value) -> Response {
+        self.request(method, path, Some(serde_json::to_vec(&body).unwrap()))
+    }
+}
+
+// ---- helpers added for the bwrap_* tests ----
+
+/// One line of a streamed (NDJSON) response body and when its newline arrived, measured
+/// from just before the request was sent.
+#[derive(Debug, Clone)]
+pub struct TimedLine {
+    pub at: Duration,
+    pub line: String,
+}
+
+impl Daemon {
+    /// Sends a request and reads the body frame by frame as it arrives (no buffering of the
+    /// whole body): returns the status and every line with its arrival time.
+    pub fn stream_lines(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (u16, Vec<TimedLine>) {
+        let socket = self.socket.clone();
+        let req = build(method, path, body, &[]);
+        let out = self.rt.block_on(async move {
+            let stream = tokio::net::UnixStream::connect(&socket)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(conn);
+            let t0 = Instant::now();
+            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            let (mut buf, mut lines) = (Vec::<u8>::new(), Vec::new());
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| e.to_string())?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                let at = t0.elapsed();
+                buf.extend_from_slice(&data);
+                while let Some(pos) = buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    lines.push(TimedLine {
+                        at,
+                        line: String::from_utf8_lossy(&line[..line.len() - 1]).into_owned(),
+                    });
+                }
+            }
+            if !buf.is_empty() {
+                lines.push(TimedLine {
+                    at: t0.elapsed(),
+                    line: String::from_utf8_lossy(&buf).into_owned(),
+                });
+            }
+            Ok::<_, String>((status, lines))
+        });
+        out.unwrap_or_else(|e| panic!("streaming {method} {path}: {e}\n{}", self.log()))
+    }
 }
