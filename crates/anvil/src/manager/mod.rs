@@ -199,9 +199,13 @@ impl Manager {
             };
             let id = s.rec.lock().await.instance.id.clone();
             warn!(instance_id = %id, reason = reason.as_str(), "sandbox stopped on its own; destroying it");
-            if let Err(e) = me.destroy_slot(&s, reason, Some(gen)).await {
-                warn!(instance_id = %id, error = %e, "destroying a stopped sandbox failed");
-            }
+            // In a task of its own: destroy_slot aborts this supervisor task, which would
+            // cancel the teardown half-way if it ran here.
+            tokio::spawn(async move {
+                if let Err(e) = me.destroy_slot(&s, reason, Some(gen)).await {
+                    warn!(instance_id = %id, error = %e, "destroying a stopped sandbox failed");
+                }
+            });
         });
         *slot.supervisor.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
     }
