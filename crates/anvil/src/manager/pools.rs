@@ -242,8 +242,18 @@ impl Manager {
         let now = now_ms();
         let mut to_create = Vec::new();
         let mut to_evict = Vec::new();
+        // Warm instances count against [daemon].max_instances like any other sandbox.
+        let live = self.live_count().await;
+        let mut room = u64::from(self.cfg.daemon.max_instances).saturating_sub(live);
         {
             let mut entries = self.pools.entries();
+            // Refills in flight may not hold a slot yet: count them too (at worst a refill
+            // waits for the next round).
+            let in_flight: u64 = entries
+                .values()
+                .map(|e| u64::from(e.book.in_flight()))
+                .sum();
+            room = room.saturating_sub(in_flight);
             for (key, (policy, sizing)) in &desired {
                 let e = entries.entry(key.clone()).or_insert_with(|| PoolEntry {
                     book: self.pools.new_book(sizing.clone()),
@@ -261,7 +271,8 @@ impl Manager {
                 let plan = e.book.plan(now);
                 to_evict.extend(plan.evict);
                 if !e.drained && !e.policy.is_empty() {
-                    for _ in 0..plan.create {
+                    for _ in 0..plan.create.min(u32::try_from(room).unwrap_or(u32::MAX)) {
+                        room -= 1;
                         e.book.creation_started();
                         to_create.push((key.clone(), e.policy.clone()));
                     }
