@@ -61,37 +61,33 @@ file_is_static() {
 [[ -x $busybox ]] || die "$busybox missing (busybox-static)"
 
 # --- the kernel package ----------------------------------------------------------------------
-kernel_pkg=${ANVIL_GUEST_KERNEL_PKG:-}
-resolve_kernel_pkg() {
-    apt-cache depends linux-image-cloud-amd64 2>/dev/null |
-        sed -n 's/^ *Depends: \(linux-image-[0-9].*-cloud-amd64\)$/\1/p' | head -n1
-}
-if [[ -z $kernel_pkg ]]; then
-    kernel_pkg=$(resolve_kernel_pkg)
-    if [[ -z $kernel_pkg ]]; then
-        log "apt lists do not know linux-image-cloud-amd64; running apt-get update"
-        apt-get update -q >/dev/null
-        kernel_pkg=$(resolve_kernel_pkg)
+# One apt-cache call (it is slow where apt keeps no binary cache): the metapackage depends on
+# the exact kernel package version, `linux-image-<abi>-cloud-amd64 (= <version>)`.
+resolve_kernel() {
+    if [[ -n ${ANVIL_GUEST_KERNEL_PKG:-} ]]; then
+        apt-cache show --no-all-versions "$ANVIL_GUEST_KERNEL_PKG" 2>/dev/null |
+            sed -n "s/^Version: \(.*\)$/$ANVIL_GUEST_KERNEL_PKG \1/p" | head -n1
+    else
+        apt-cache show --no-all-versions linux-image-cloud-amd64 2>/dev/null |
+            sed -n 's/^Depends: .*\(linux-image-[^ ,]*-cloud-amd64\) (= \([^)]*\)).*$/\1 \2/p' |
+            head -n1
     fi
-    [[ -n $kernel_pkg ]] || die "cannot resolve linux-image-cloud-amd64 to a kernel package"
+}
+kernel=$(resolve_kernel)
+if [[ -z $kernel ]]; then
+    log "apt does not know the kernel package; running apt-get update"
+    apt-get update -q >/dev/null
+    kernel=$(resolve_kernel)
 fi
-kernel_ver=$(apt-cache show --no-all-versions "$kernel_pkg" 2>/dev/null | sed -n 's/^Version: //p' | head -n1)
-[[ -n $kernel_ver ]] || die "apt knows no version of $kernel_pkg"
+[[ -n $kernel ]] || die "cannot resolve the kernel package (${ANVIL_GUEST_KERNEL_PKG:-linux-image-cloud-amd64})"
+read -r kernel_pkg kernel_ver <<<"$kernel"
 log "kernel package $kernel_pkg $kernel_ver"
 
 # --- the agent -------------------------------------------------------------------------------
 agent=${ANVIL_AGENT_BIN:-}
 if [[ -z $agent ]]; then
-    if [[ -x $repo/scripts/build-agent.sh ]]; then
-        log "building the static agent (scripts/build-agent.sh)"
-        agent=$("$repo/scripts/build-agent.sh" | tail -n1)
-    else
-        # Same command as SPEC §8; the explicit --target keeps build scripts dynamic.
-        log "building the static agent (cargo build --release -p anvil-agent, crt-static)"
-        (cd "$repo" && RUSTFLAGS='-C target-feature=+crt-static' \
-            cargo build -q --release --target x86_64-unknown-linux-gnu -p anvil-agent)
-        agent="${CARGO_TARGET_DIR:-$repo/target}/x86_64-unknown-linux-gnu/release/anvil-agent"
-    fi
+    log "building the static agent (scripts/build-agent.sh)"
+    agent=$("$repo/scripts/build-agent.sh" | tail -n1)
 fi
 [[ -x $agent ]] || die "agent binary $agent missing or not executable"
 file_is_static "$agent" || die "agent binary $agent is dynamically linked (build it with crt-static)"
@@ -121,11 +117,20 @@ if [[ ! -f $kcache/.unpacked ]]; then
     # apt's sandbox user cannot write into root-owned cache dirs; that warning is harmless.
     (cd "$kcache/dl" && apt-get download -qq "$kernel_pkg=$kernel_ver" 2>&1 | grep -v 'unsandboxed' >&2 || true)
     deb=$(ls "$kcache"/dl/*.deb 2>/dev/null | head -n1)
-    [[ -n $deb ]] || die "apt-get download $kernel_pkg=$kernel_ver produced no .deb"
+    if [[ -z $deb ]]; then
+        rm -rf "$kcache"
+        # Stale apt lists name a version the mirror no longer has: refresh once, start over.
+        [[ -z ${ANVIL_GUEST_IMAGE_RETRY:-} ]] || die "apt-get download $kernel_pkg=$kernel_ver failed"
+        log "download failed; running apt-get update and starting over"
+        apt-get update -q >/dev/null
+        ANVIL_GUEST_IMAGE_RETRY=1 exec "$0" "$out"
+    fi
     log "unpacking $(basename "$deb") ($(du -h "$deb" | cut -f1))"
     dpkg-deb -x "$deb" "$kcache/root"
     rm -rf "$kcache/dl"
     touch "$kcache/.unpacked"
+    # Older kernels' trees are not needed any more.
+    find "$cache" -mindepth 1 -maxdepth 1 -name 'linux-image-*' ! -path "$kcache" -exec rm -rf {} +
 else
     log "kernel package cached in $kcache"
 fi
