@@ -535,3 +535,28 @@ impl Daemon {
         out.unwrap_or_else(|e| panic!("streaming {method} {path}: {e}\n{}", self.log()))
     }
 }
+
+impl Daemon {
+    /// Starts the daemon on a config written by the caller into `dir` (its socket must be
+    /// `socket`); for tests of config files other than the harness's own.
+    pub fn start_with_config(dir: tempfile::TempDir, config_text: &str, socket: PathBuf) -> Daemon {
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, config_text).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut d = Daemon {
+            dir,
+            socket,
+            config,
+            tcp_addr: None,
+            token: None,
+            child: None,
+            rt,
+        };
+        d.spawn();
+        d
+    }
+}
