@@ -166,7 +166,8 @@ impl GuestImage {
     }
 }
 
-/// What to boot; the defaults boot the image as the Firecracker backend would.
+/// What to boot; the defaults boot the image as the Firecracker backend would (128 MiB,
+/// `VmSpec`'s default).
 #[derive(Debug, Clone)]
 pub struct VmOptions {
     pub memory_mib: u32,
@@ -178,7 +179,7 @@ pub struct VmOptions {
 impl Default for VmOptions {
     fn default() -> Self {
         VmOptions {
-            memory_mib: 256,
+            memory_mib: 128,
             attach_rootfs: true,
             boot_timeout: BOOT_TIMEOUT,
         }
@@ -295,10 +296,11 @@ impl QemuVm {
         Ok(())
     }
 
-    /// vhost-device-vsock creates its socket once it listens; QEMU must not start before.
+    /// QEMU must not start before vhost-device-vsock listens. A probe connection would be
+    /// taken as the front-end, so watch /proc/net/unix for the socket in listening state.
     async fn wait_for_socket(&mut self, path: &Path) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !path.exists() {
+        while !is_listening(path) {
             if let Some(status) = self
                 .vhost
                 .as_mut()
@@ -307,7 +309,7 @@ impl QemuVm {
                 return Err(format!("vhost-device-vsock exited ({status})"));
             }
             if Instant::now() > deadline {
-                return Err(format!("{} did not appear within 10 s", path.display()));
+                return Err(format!("nothing listens on {} after 10 s", path.display()));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -394,6 +396,22 @@ impl Drop for QemuVm {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Whether a Unix socket bound at `path` is listening (`__SO_ACCEPTCON` in the flags).
+fn is_listening(path: &Path) -> bool {
+    const SO_ACCEPTCON: u32 = 1 << 16;
+    let want = path.display().to_string();
+    std::fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 8
+                && f[7] == want
+                && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
+        })
 }
 
 /// Starts `cmd` with stdin closed and stdout+stderr into `log`; the child gets SIGKILL if the
