@@ -48,13 +48,13 @@ impl Tools {
         };
         let Some(qemu) = qemu.filter(|p| p.is_file()) else {
             eprintln!(
-                "SKIP {test}: qemu-system-x86_64 not found (apt-get install qemu-system-x86)"
+                "SKIP: {test}: qemu-system-x86_64 not found (apt-get install qemu-system-x86)"
             );
             return None;
         };
         let Some(vhost) = find_vhost() else {
             eprintln!(
-                "SKIP {test}: vhost-device-vsock not found (scripts/install-vhost-device-vsock.sh)"
+                "SKIP: {test}: vhost-device-vsock not found (scripts/install-vhost-device-vsock.sh)"
             );
             return None;
         };
@@ -133,7 +133,7 @@ impl GuestImage {
             return match GuestImage::at(&dir) {
                 Ok(image) => Ok(Some(image)),
                 Err(e) => {
-                    eprintln!("SKIP {test}: no guest image ({e}) and no apt-get to build one");
+                    eprintln!("SKIP: {test}: no guest image ({e}) and no apt-get to build one");
                     Ok(None)
                 }
             };
