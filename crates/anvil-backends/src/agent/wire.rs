@@ -89,6 +89,30 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin, H: Serialize>(
         .map_err(|e| AgentError::io("writing to agent", e))
 }
 
+/// Connects to the Unix socket at `path` without following a symlink in its last
+/// component. The socket's directory is shared with the sandbox (bwrap binds it at
+/// /run/anvil), so the sandbox could replace the socket with a symlink to any host socket,
+/// e.g. another sandbox's agent. The socket is opened with `O_PATH | O_NOFOLLOW`, checked
+/// to be a socket, and connected through `/proc/self/fd`, leaving no window for a swap.
+async fn connect_unix_nofollow(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    if !file.metadata()?.file_type().is_socket() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a socket (symlink or other file)", path.display()),
+        ));
+    }
+    let via = format!("/proc/self/fd/{}", file.as_raw_fd());
+    let stream = UnixStream::connect(&via).await;
+    drop(file);
+    stream
+}
+
 /// Opens a stream to the agent; for vsock, performs Firecracker's `CONNECT <port>` handshake.
 pub(crate) async fn connect(endpoint: &AgentEndpoint) -> Result<UnixStream, AgentError> {
     let conn_err = |source| AgentError::Connect {
@@ -96,7 +120,7 @@ pub(crate) async fn connect(endpoint: &AgentEndpoint) -> Result<UnixStream, Agen
         source,
     };
     match endpoint {
-        AgentEndpoint::Unix(path) => UnixStream::connect(path).await.map_err(conn_err),
+        AgentEndpoint::Unix(path) => connect_unix_nofollow(path).await.map_err(conn_err),
         AgentEndpoint::Vsock { uds, port } => {
             let mut s = UnixStream::connect(uds).await.map_err(conn_err)?;
             s.write_all(format!("CONNECT {port}\n").as_bytes())
