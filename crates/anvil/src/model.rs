@@ -71,6 +71,10 @@ pub struct InstanceRecord {
     /// The selector's decision at create, returned again on an idempotent create.
     #[serde(default)]
     pub decision: Option<anvil_core::selector::Decision>,
+    /// The checkpoint the sandbox's current state descends from (last taken, rolled back to
+    /// or forked from; none after a reset): the parent of its next checkpoint.
+    #[serde(default)]
+    pub head_checkpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -389,6 +389,7 @@ impl Manager {
             request_fingerprint: None,
             warm_since_ms: None,
             decision: Some(r.decision.clone()),
+            head_checkpoint: None,
         }
     }
 
@@ -528,6 +529,7 @@ impl Manager {
         rec.instance.labels = req.labels.clone();
         rec.instance.kernel_version = req.kernel_version.clone();
         rec.instance.from_checkpoint = req.from_checkpoint.clone();
+        rec.head_checkpoint = req.from_checkpoint.clone();
         rec.env = req.env.clone();
         rec.request_fingerprint = Some(fp.clone());
         set_ttl(&mut rec, ttl);

@@ -185,6 +185,7 @@ impl Manager {
         rec.spec = spec;
         rec.instance.reset_count += 1;
         rec.instance.from_checkpoint = None;
+        rec.head_checkpoint = None;
         let elapsed = t0.elapsed();
         let labels = ModeLabels {
             backend: rec.instance.backend.to_string(),
@@ -287,7 +288,7 @@ impl Manager {
                 backend: rec.instance.backend.to_string(),
             })
             .observe(t0.elapsed().as_secs_f64());
-        let parent = self.latest_checkpoint_of(id);
+        let parent = rec.head_checkpoint.clone();
         let record = CheckpointRecord {
             checkpoint: Checkpoint {
                 checkpoint_id: ck_id.clone(),
@@ -310,6 +311,10 @@ impl Manager {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(ck_id.clone(), record);
+        rec.head_checkpoint = Some(ck_id.clone());
+        if !stop {
+            self.persist(&rec)?;
+        }
         if stop {
             slot.stop_supervisor();
             backend
@@ -332,14 +337,6 @@ impl Manager {
             kind: out.kind,
             size_bytes: out.size_bytes,
         })
-    }
-
-    fn latest_checkpoint_of(&self, id: &str) -> Option<String> {
-        let cks = self.checkpoints.lock().unwrap_or_else(|e| e.into_inner());
-        cks.values()
-            .filter(|c| c.checkpoint.instance_id == id)
-            .max_by(|a, b| a.checkpoint.created_at.cmp(&b.checkpoint.created_at))
-            .map(|c| c.checkpoint.checkpoint_id.clone())
     }
 
     pub fn checkpoints_of(&self, id: &str) -> Vec<Checkpoint> {
@@ -470,6 +467,7 @@ impl Manager {
             .observe(t0.elapsed().as_secs_f64());
         rec.runtime = Some(new_rt.clone());
         rec.instance.from_checkpoint = Some(ck_id.to_string());
+        rec.head_checkpoint = Some(ck_id.to_string());
         if rec.instance.state == SandboxState::Paused {
             Self::transition(&mut rec, SandboxState::Running)?;
         }
