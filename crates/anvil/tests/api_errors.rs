@@ -276,7 +276,19 @@ fn wrong_methods_answer_405_with_json() {
         ("POST", "/metrics"),
         ("PATCH", "/v1/host"),
     ] {
-        let v = expect_error(&d.request(m, p, None), 405, Some("method_not_allowed"));
+        let r = d.request(m, p, None);
+        let v = expect_error(&r, 405, Some("method_not_allowed"));
+        let allow = r
+            .headers
+            .get("allow")
+            .unwrap_or_else(|| panic!("{m} {p}: no Allow header"))
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            !allow.is_empty() && !allow.contains(m),
+            "{m} {p}: Allow `{allow}`"
+        );
         assert!(v["error"].as_str().unwrap().contains(m), "{m} {p}: {v}");
     }
 }

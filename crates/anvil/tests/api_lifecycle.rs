@@ -399,3 +399,74 @@ fn destroy_both_ways_and_idempotent_create() {
         Some("idempotency_conflict"),
     );
 }
+
+#[test]
+fn checkpoint_lineage_follows_rollbacks_forks_and_resets() {
+    let d = Daemon::start(Opts::default());
+    let ck = |id: &str| {
+        let r = d.post(&format!("/v1/instances/{id}/checkpoint"), json!({}));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["checkpoint_id"].as_str().unwrap().to_string()
+    };
+    let parent_of = |id: &str, ck: &str| {
+        let all = d.get(&format!("/v1/instances/{id}/checkpoints")).json();
+        let c = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["checkpoint_id"] == ck)
+            .unwrap()
+            .clone();
+        c["parent"].as_str().map(str::to_string)
+    };
+    let id = d.create(json!({"workload_class": "mock-class"}));
+    let a = ck(&id);
+    let b = ck(&id);
+    assert_eq!(parent_of(&id, &b).as_deref(), Some(a.as_str()));
+    // Undo to `a`, then checkpoint: the new one branches off `a`, not off `b`.
+    d.post(
+        &format!("/v1/instances/{id}/rollback"),
+        json!({"checkpoint_id": a}),
+    );
+    let c = ck(&id);
+    assert_eq!(
+        parent_of(&id, &c).as_deref(),
+        Some(a.as_str()),
+        "tree, not a list"
+    );
+    let e = ck(&id);
+    assert_eq!(parent_of(&id, &e).as_deref(), Some(c.as_str()));
+    // A fork's first checkpoint descends from the checkpoint it was forked from.
+    let f = d
+        .post(
+            "/v1/instances",
+            json!({"workload_class": "mock-class", "from_checkpoint": b}),
+        )
+        .json()["instance"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let g = ck(&f);
+    assert_eq!(parent_of(&f, &g).as_deref(), Some(b.as_str()));
+    // After a reset the sandbox is fresh: no parent.
+    d.post(&format!("/v1/instances/{id}/reset"), json!({}));
+    let h = ck(&id);
+    assert_eq!(parent_of(&id, &h), None);
+    // The lineage survives a restart.
+    let mut d = d;
+    d.kill9();
+    d.spawn();
+    let i = {
+        let r = d.post(&format!("/v1/instances/{id}/checkpoint"), json!({}));
+        r.json()["checkpoint_id"].as_str().unwrap().to_string()
+    };
+    let all = d.get(&format!("/v1/instances/{id}/checkpoints")).json();
+    let ci = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["checkpoint_id"] == i.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(ci["parent"], h.as_str());
+}
