@@ -298,17 +298,36 @@ fn streaming_exec_delivers_first_line_before_the_second_is_printed() {
 
 #[test]
 fn a_sandbox_cannot_redirect_the_daemon_to_another_sandboxs_agent() {
-    let Some(bw) = Bw::start(vec![("bw.toml", bwrap_policy(CLASS, ""))]) else { return };
+    let Some(bw) = Bw::start(vec![("bw.toml", bwrap_policy(CLASS, ""))]) else {
+        return;
+    };
     let a = bw.create(CLASS);
     let b = bw.create(CLASS);
     assert_eq!(bw.put_file(&b, "/root/secret", b"b's secret").status, 200);
     // A replaces its agent socket with a symlink to B's socket (a host path).
     let b_sock = bw.instance_dir(&b).join("run/agent.sock");
-    let v = bw.exec(&a, &["/bin/sh", "-c", &format!("rm -f /run/anvil/agent.sock && ln -s {} /run/anvil/agent.sock", b_sock.display())]);
+    let v = bw.exec(
+        &a,
+        &[
+            "/bin/sh",
+            "-c",
+            &format!(
+                "rm -f /run/anvil/agent.sock && ln -s {} /run/anvil/agent.sock",
+                b_sock.display()
+            ),
+        ],
+    );
     eprintln!("replacing the socket inside A: {v}");
-    let r = bw.d.post(&format!("/v1/instances/{a}/exec"), json!({"cmd": ["cat", "/root/secret"]}));
+    let r = bw.d.post(
+        &format!("/v1/instances/{a}/exec"),
+        json!({"cmd": ["cat", "/root/secret"]}),
+    );
     eprintln!("exec on A after the swap: {} {}", r.status, r.text());
-    assert!(!r.text().contains("b's secret"), "an exec on A ran in B: {}", r.text());
+    assert!(
+        !r.text().contains("b's secret"),
+        "an exec on A ran in B: {}",
+        r.text()
+    );
     let r = bw.get_file(&a, "/root/secret");
     assert_ne!(r.body, b"b's secret", "a file read on A was served by B");
     bw.finish();

@@ -18,20 +18,36 @@ fn warm_ids(bw: &Bw) -> BTreeSet<String> {
 
 /// Waits until the pool holds `n` warm sandboxes and nothing is being created.
 fn wait_warm(bw: &Bw, class: &str, n: u64, timeout: Duration) {
-    wait_until(&format!("{n} warm sandboxes in pool {class}"), timeout, || {
-        bw.d.warm_count("bubblewrap", class) == n && warm_ids(bw).len() as u64 == n && bw.d.ids("state=creating").is_empty()
-    });
+    wait_until(
+        &format!("{n} warm sandboxes in pool {class}"),
+        timeout,
+        || {
+            bw.d.warm_count("bubblewrap", class) == n
+                && warm_ids(bw).len() as u64 == n
+                && bw.d.ids("state=creating").is_empty()
+        },
+    );
 }
 
 #[test]
 fn pool_prewarms_to_target_claims_warm_and_drain_leaves_nothing() {
     let class = "bw-pool";
-    let Some(bw) = Bw::start(vec![("p.toml", pool_policy(class, 0, 4, 4))]) else { return };
+    let Some(bw) = Bw::start(vec![("p.toml", pool_policy(class, 0, 4, 4))]) else {
+        return;
+    };
     let t0 = Instant::now();
     wait_warm(&bw, class, 4, Duration::from_secs(60));
-    eprintln!("pool reached 4 warm sandboxes {:?} after the template import", t0.elapsed());
+    eprintln!(
+        "pool reached 4 warm sandboxes {:?} after the template import",
+        t0.elapsed()
+    );
     let pools = bw.d.get("/v1/pools").json();
-    let pool = pools.as_array().unwrap().iter().find(|p| p["key"]["workload_class"] == class).unwrap_or_else(|| panic!("{pools}"));
+    let pool = pools
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["key"]["workload_class"] == class)
+        .unwrap_or_else(|| panic!("{pools}"));
     assert_eq!(pool["key"]["backend"], "bubblewrap", "{pool}");
     assert_eq!(pool["stats"]["warm_count"], 4, "{pool}");
     assert_eq!(pool["stats"]["target"], 4, "{pool}");
@@ -51,7 +67,10 @@ fn pool_prewarms_to_target_claims_warm_and_drain_leaves_nothing() {
     assert_eq!(v["instance"]["state"], "running", "{v}");
     let claimed = v["instance"]["id"].as_str().unwrap().to_string();
     eprintln!("warm claim answered in {claim_ms:?}");
-    assert!(warm.contains(&claimed), "claimed {claimed} was not one of the warm {warm:?}");
+    assert!(
+        warm.contains(&claimed),
+        "claimed {claimed} was not one of the warm {warm:?}"
+    );
     assert_eq!(bw.sh(&claimed, "echo warm"), "warm\n");
     wait_warm(&bw, class, 4, Duration::from_secs(30));
     let stats = bw.d.pool_stats("bubblewrap", class).unwrap();
@@ -59,26 +78,51 @@ fn pool_prewarms_to_target_claims_warm_and_drain_leaves_nothing() {
 
     // Drain destroys exactly the warm ones.
     let warm_now = warm_ids(&bw);
-    let mut fps: Vec<Footprint> = fps.into_iter().filter(|f| warm_now.contains(&f.name)).collect();
-    let refilled: Vec<String> = warm_now.iter().filter(|id| !fps.iter().any(|f| &f.name == *id)).cloned().collect();
+    let mut fps: Vec<Footprint> = fps
+        .into_iter()
+        .filter(|f| warm_now.contains(&f.name))
+        .collect();
+    let refilled: Vec<String> = warm_now
+        .iter()
+        .filter(|id| !fps.iter().any(|f| &f.name == *id))
+        .cloned()
+        .collect();
     fps.extend(refilled.iter().map(|id| bw.footprint(id)));
-    let r = bw.d.post(&format!("/v1/pools/bubblewrap/{class}/drain"), json!({}));
+    let r =
+        bw.d.post(&format!("/v1/pools/bubblewrap/{class}/drain"), json!({}));
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert_eq!(v["count"], 4, "{v}");
-    let drained: BTreeSet<String> = v["drained"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().to_string()).collect();
+    let drained: BTreeSet<String> = v["drained"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(drained, warm_now);
     for fp in &fps {
         let inst = bw.instance(&fp.name);
-        assert_eq!((inst["state"].as_str(), inst["termination_reason"].as_str()), (Some("destroyed"), Some("drained")), "{inst}");
+        assert_eq!(
+            (inst["state"].as_str(), inst["termination_reason"].as_str()),
+            (Some("destroyed"), Some("drained")),
+            "{inst}"
+        );
         bw.assert_gone(fp);
     }
     // No bwrap or agent of the drained sandboxes is alive: only the claimed one's remain.
     let agents = bw.agents_in_root();
     assert_eq!(agents.len(), 1, "agents left after drain: {agents:?}");
     let cg_claimed = format!("/{}/{}", bw.root, claimed);
-    assert!(cgroup_paths(agents[0].0).iter().any(|c| c.ends_with(&cg_claimed)), "{agents:?}");
-    let bwraps: Vec<_> = processes_mentioning(&bw.instances_dir().to_string_lossy()).into_iter().filter(|(_, c)| c.starts_with(BWRAP)).collect();
+    assert!(
+        cgroup_paths(agents[0].0)
+            .iter()
+            .any(|c| c.ends_with(&cg_claimed)),
+        "{agents:?}"
+    );
+    let bwraps: Vec<_> = processes_mentioning(&bw.instances_dir().to_string_lossy())
+        .into_iter()
+        .filter(|(_, c)| c.starts_with(BWRAP))
+        .collect();
     assert_eq!(bwraps.len(), 1, "bwrap processes after drain: {bwraps:?}");
     assert!(bwraps[0].1.contains(&claimed), "{bwraps:?}");
 
@@ -96,7 +140,9 @@ fn pool_prewarms_to_target_claims_warm_and_drain_leaves_nothing() {
 #[test]
 fn reset_returns_a_claimed_sandbox_to_its_pool() {
     let class = "bw-pool-return";
-    let Some(bw) = Bw::start(vec![("p.toml", pool_policy(class, 0, 1, 2))]) else { return };
+    let Some(bw) = Bw::start(vec![("p.toml", pool_policy(class, 0, 1, 2))]) else {
+        return;
+    };
     wait_warm(&bw, class, 1, Duration::from_secs(30));
     let id = bw.create(class);
     assert_eq!(bw.instance(&id)["start_path"], "warm");
@@ -104,7 +150,10 @@ fn reset_returns_a_claimed_sandbox_to_its_pool() {
     assert_eq!(bw.put_file(&id, "/root/used", b"by a client").status, 200);
     let before = bw.footprint(&id);
 
-    let r = bw.d.post(&format!("/v1/instances/{id}/reset"), json!({"return_to_pool": true}));
+    let r = bw.d.post(
+        &format!("/v1/instances/{id}/reset"),
+        json!({"return_to_pool": true}),
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert_eq!(v["returned_to_pool"], true, "{v}");
@@ -122,13 +171,21 @@ fn reset_returns_a_claimed_sandbox_to_its_pool() {
         assert_eq!(r.json()["start_path"], "warm");
         claimed.push(r.json()["instance"]["id"].as_str().unwrap().to_string());
     }
-    assert!(claimed.contains(&id), "{claimed:?} does not hold the returned {id}");
+    assert!(
+        claimed.contains(&id),
+        "{claimed:?} does not hold the returned {id}"
+    );
     assert_eq!(bw.get_file(&id, "/root/used").status, 404);
 
     wait_warm(&bw, class, 1, Duration::from_secs(30));
     let warm: Vec<String> = warm_ids(&bw).into_iter().collect();
-    let mut fps: Vec<Footprint> = claimed.iter().chain(warm.iter()).map(|i| bw.footprint(i)).collect();
-    let r = bw.d.post(&format!("/v1/pools/bubblewrap/{class}/drain"), json!({}));
+    let mut fps: Vec<Footprint> = claimed
+        .iter()
+        .chain(warm.iter())
+        .map(|i| bw.footprint(i))
+        .collect();
+    let r =
+        bw.d.post(&format!("/v1/pools/bubblewrap/{class}/drain"), json!({}));
     assert_eq!(r.json()["count"], 1, "{}", r.text());
     for id in &claimed {
         assert_eq!(bw.d.delete(&format!("/v1/instances/{id}")).status, 200);

@@ -462,7 +462,11 @@ impl Bw {
             .into_iter()
             .filter(|p| cgroup_paths(*p).iter().any(|c| c.contains(&needle)))
             .filter_map(|p| cmdline(p).map(|c| (p, c)))
-            .filter(|(_, c)| c.split(' ').next().is_some_and(|argv0| argv0.ends_with("anvil-agent")))
+            .filter(|(_, c)| {
+                c.split(' ')
+                    .next()
+                    .is_some_and(|argv0| argv0.ends_with("anvil-agent"))
+            })
             .collect()
     }
 
