@@ -174,7 +174,7 @@ pub async fn delete_checkpoint(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     check_id(&id)?;
-    s.m.delete_checkpoint(&id)?;
+    s.m.delete_checkpoint(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -491,7 +491,22 @@ impl Manager {
                         return Ok((resp, true));
                     }
                     Err(e) => {
-                        warn!(instance_id = %warm_id, error = %e, "warm instance could not be claimed; trying another")
+                        warn!(instance_id = %warm_id, error = %e, "warm instance could not be claimed; trying another");
+                        // Still warm (the claim was refused before any change): back to its pool.
+                        if let Ok(slot) = self.slot(&warm_id) {
+                            if slot.rec.lock().await.instance.state == SandboxState::Warm {
+                                self.pools.add_warm(&key, &warm_id, now_ms());
+                            }
+                        }
+                        if matches!(
+                            e,
+                            OpError::Conflict {
+                                code: "idempotency_conflict",
+                                ..
+                            }
+                        ) {
+                            return Err(e);
+                        }
                     }
                 }
             }
@@ -662,6 +677,23 @@ impl Manager {
         if rec.instance.state != SandboxState::Warm {
             return Err(OpError::conflict(warm_id, "no longer warm"));
         }
+        let new_id = req.id.clone().filter(|n| n != warm_id);
+        // Refuse before touching the record, so a refused claim leaves it warm.
+        if let Some(n) = &new_id {
+            if self
+                .slots
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(n)
+            {
+                return Err(OpError::Conflict {
+                    code: "idempotency_conflict",
+                    message: format!("instance `{n}` already exists"),
+                    instance_id: Some(n.clone()),
+                });
+            }
+        }
+        let before = rec.clone();
         Self::transition(&mut rec, SandboxState::Creating)?;
         Self::transition(&mut rec, SandboxState::Running)?;
         rec.instance.start_path = StartPath::Warm;
@@ -675,13 +707,13 @@ impl Manager {
         rec.decision = Some(r.decision.clone());
         rec.warm_since_ms = None;
         set_ttl(&mut rec, ttl);
-        let new_id = req.id.clone().filter(|n| n != warm_id);
         match &new_id {
             Some(n) => {
                 rec.instance.id = n.clone();
                 {
                     let mut map = self.slots.write().unwrap_or_else(|e| e.into_inner());
                     if map.contains_key(n) {
+                        *rec = before;
                         return Err(OpError::Conflict {
                             code: "idempotency_conflict",
                             message: format!("instance `{n}` already exists"),

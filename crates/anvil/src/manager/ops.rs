@@ -350,7 +350,7 @@ impl Manager {
         v
     }
 
-    pub fn delete_checkpoint(&self, ck_id: &str) -> Result<(), OpError> {
+    pub async fn delete_checkpoint(&self, ck_id: &str) -> Result<(), OpError> {
         if self
             .restoring
             .lock()
@@ -368,20 +368,20 @@ impl Manager {
             .ok_or_else(|| OpError::not_found(format!("checkpoint `{ck_id}` not found")))?;
         // A hibernated instance needs its checkpoint to come back.
         for s in self.all_slots() {
-            if let Ok(r) = s.rec.try_lock() {
-                if r.instance.state == SandboxState::Checkpointed
-                    && r.runtime.is_none()
-                    && r.instance.from_checkpoint.as_deref() == Some(ck_id)
-                {
-                    return Err(OpError::Conflict {
-                        code: "checkpoint_in_use",
-                        message: format!(
-                            "checkpoint `{ck_id}` holds hibernated instance `{}`",
-                            r.instance.id
-                        ),
-                        instance_id: Some(r.instance.id.clone()),
-                    });
-                }
+            // Wait for busy records: a locked one may be a hibernated instance.
+            let r = s.rec.lock().await;
+            if r.instance.state == SandboxState::Checkpointed
+                && r.runtime.is_none()
+                && r.instance.from_checkpoint.as_deref() == Some(ck_id)
+            {
+                return Err(OpError::Conflict {
+                    code: "checkpoint_in_use",
+                    message: format!(
+                        "checkpoint `{ck_id}` holds hibernated instance `{}`",
+                        r.instance.id
+                    ),
+                    instance_id: Some(r.instance.id.clone()),
+                });
             }
         }
         self.store
