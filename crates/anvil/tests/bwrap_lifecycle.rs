@@ -259,3 +259,34 @@ fn sandbox_killed_from_outside_is_destroyed_as_exited() {
     bw.assert_gone(&fp);
     bw.finish();
 }
+
+#[test]
+fn hibernate_releases_everything_and_resume_brings_the_files_back() {
+    let Some(bw) = Bw::start(vec![("l.toml", policy())]) else {
+        return;
+    };
+    let id = bw.create(CLASS);
+    assert_eq!(
+        bw.put_file(&id, "/root/keep.txt", b"kept across hibernation")
+            .status,
+        200
+    );
+    let fp = bw.footprint(&id);
+    let r = bw.d.post(
+        &format!("/v1/instances/{id}/checkpoint"),
+        json!({"stop": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(bw.instance(&id)["state"], "checkpointed");
+    // Hibernated: no process, cgroup, mount or instance directory is held.
+    bw.assert_gone(&fp);
+
+    let r = bw.d.post(&format!("/v1/instances/{id}/resume"), json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["state"], "running");
+    assert_eq!(bw.sh(&id, "cat /root/keep.txt"), "kept across hibernation");
+    let fp = bw.footprint(&id);
+    assert_eq!(bw.d.delete(&format!("/v1/instances/{id}")).status, 200);
+    bw.assert_gone(&fp);
+    bw.finish();
+}
