@@ -24,6 +24,15 @@ use anvil_core::backend::{BackendKind, Capabilities, CheckpointKind, ResetMode};
 use async_trait::async_trait;
 use std::path::Path;
 
+/// Reset `full-recreate` for any backend: destroy, then create from the template (never
+/// from a checkpoint: a reset goes back to the template).
+pub async fn recreate<B: Backend + ?Sized>(b: &B, rt: &Runtime, spec: &InstanceSpec) -> Result<Runtime, BackendError> {
+    b.destroy(rt).await?;
+    let mut fresh = spec.clone();
+    fresh.from_checkpoint = None;
+    b.create(&fresh).await
+}
+
 /// Result of probing a backend at daemon start.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Probe {

@@ -107,34 +107,11 @@ impl MockBackend {
 }
 
 fn copy_dir(src: &Path, dst: &Path) -> Result<(), BackendError> {
-    std::fs::create_dir_all(dst)
-        .map_err(|e| BackendError::io(format!("creating {}", dst.display()), e))?;
-    let rd = std::fs::read_dir(src)
-        .map_err(|e| BackendError::io(format!("reading {}", src.display()), e))?;
-    for entry in rd {
-        let entry = entry.map_err(|e| BackendError::io(format!("reading {}", src.display()), e))?;
-        let ty = entry.file_type().map_err(|e| BackendError::io("stat", e))?;
-        let to = dst.join(entry.file_name());
-        if ty.is_dir() {
-            copy_dir(&entry.path(), &to)?;
-        } else {
-            std::fs::copy(entry.path(), &to)
-                .map_err(|e| BackendError::io(format!("copying to {}", to.display()), e))?;
-        }
-    }
-    Ok(())
+    crate::mount::copy_tree(src, dst).map_err(|e| BackendError::Other(e.to_string()))
 }
 
 fn dir_size(p: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_size(&e.path()),
-            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
-        })
-        .sum()
+    crate::mount::dir_size(p).unwrap_or(0)
 }
 
 #[async_trait]
@@ -235,12 +212,7 @@ impl Backend for MockBackend {
                 Self::write_state(&d.dir, &st)?;
                 Ok(rt.clone())
             }
-            ResetMode::FullRecreate => {
-                self.destroy(rt).await?;
-                let mut fresh = spec.clone();
-                fresh.from_checkpoint = None;
-                self.create(&fresh).await
-            }
+            ResetMode::FullRecreate => crate::recreate(self, rt, spec).await,
             ResetMode::MmTemplate => Err(BackendError::Unsupported {
                 backend: BackendKind::Mock,
                 op: "reset mm-template",

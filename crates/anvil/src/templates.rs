@@ -63,34 +63,11 @@ pub fn tree_digest(root: &Path) -> std::io::Result<String> {
 }
 
 fn dir_size(p: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(p) else {
-        return 0;
-    };
-    rd.flatten()
-        .map(|e| match std::fs::symlink_metadata(e.path()) {
-            Ok(m) if m.is_dir() => dir_size(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
+    anvil_backends::mount::dir_size(p).unwrap_or(0)
 }
 
 fn copy_tree(src: &Path, dst: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dst).map_err(|e| format!("creating {}: {e}", dst.display()))?;
-    let out = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(format!("{}/.", src.display()))
-        .arg(dst)
-        .output()
-        .map_err(|e| format!("running cp: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "copying {} failed: {}",
-            src.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
+    anvil_backends::mount::copy_tree(src, dst).map_err(|e| e.to_string())
 }
 
 fn unpack_tar(tar_path: &Path, dst: &Path) -> Result<(), String> {

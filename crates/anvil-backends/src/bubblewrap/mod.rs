@@ -461,10 +461,7 @@ impl Backend for BubblewrapBackend {
                 self.restart_with(rt, spec, spec.from_checkpoint.as_deref())
                     .await
             }
-            ResetMode::FullRecreate => {
-                self.destroy(rt).await?;
-                self.create(spec).await
-            }
+            ResetMode::FullRecreate => crate::recreate(self, rt, spec).await,
             ResetMode::MmTemplate => Err(BackendError::Unsupported {
                 backend: BackendKind::Bubblewrap,
                 op: "reset mm-template",

@@ -968,12 +968,7 @@ impl Backend for FirecrackerBackend {
                 })?;
                 self.restore_in_place(rt, spec, dir).await
             }
-            ResetMode::FullRecreate => {
-                self.destroy(rt).await?;
-                let mut fresh = spec.clone();
-                fresh.from_checkpoint = None;
-                self.create(&fresh).await
-            }
+            ResetMode::FullRecreate => crate::recreate(self, rt, spec).await,
             ResetMode::OverlayfsRollback => Err(BackendError::Unsupported {
                 backend: BackendKind::Firecracker,
                 op: "reset overlayfs-rollback",
