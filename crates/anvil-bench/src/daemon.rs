@@ -266,6 +266,13 @@ impl Daemon {
         lines.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
+    pub fn log_text(&self) -> String {
+        self.dir
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(d.path().join("daemon.log")).ok())
+            .unwrap_or_default()
+    }
+
     pub fn policies_dir(&self) -> Option<PathBuf> {
         self.dir.as_ref().map(|d| d.path().join("policies"))
     }

@@ -54,12 +54,15 @@ struct Args {
     /// Request rate of the paced GET /v1/instances/{id} measurement.
     #[arg(long, default_value_t = 1000)]
     get_rate: u32,
-    /// Seconds per measurement (default 6, quick 1.5).
+    /// Seconds per measurement (default 6, quick 1).
     #[arg(long)]
     secs: Option<f64>,
-    /// Sandboxes held for the loaded-RSS figure (default 100, quick 25).
+    /// Sandboxes held for the loaded-RSS figure (default 100, quick 20).
     #[arg(long)]
     rss_sandboxes: Option<usize>,
+    /// Copy the log of the daemon the bench started to this file.
+    #[arg(long)]
+    daemon_log: Option<PathBuf>,
     /// Write the bench's policy files into DIR (for a daemon used through --socket) and exit.
     #[arg(long)]
     write_policies: Option<PathBuf>,
@@ -144,10 +147,10 @@ fn real_main(args: Args) -> Result<i32> {
     let t_start = Instant::now();
     let profile = if args.quick {
         Profile {
-            secs: args.secs.unwrap_or(1.5),
+            secs: args.secs.unwrap_or(1.0),
             max_ops: 400,
             warmup: 1,
-            rss_sandboxes: args.rss_sandboxes.unwrap_or(25),
+            rss_sandboxes: args.rss_sandboxes.unwrap_or(20),
         }
     } else {
         Profile {
@@ -196,6 +199,10 @@ fn real_main(args: Args) -> Result<i32> {
         eprintln!("anvil-bench: suite stopped: {e}\n{}", d.log_tail());
     }
     d.stop();
+    daemon_log_figures(&d.log_text(), &mut report);
+    if let Some(p) = &args.daemon_log {
+        std::fs::write(p, d.log_text()).ctx(format!("write {}", p.display()))?;
+    }
     report
         .machine
         .insert("load average (end)".into(), loadavg());
@@ -271,6 +278,10 @@ async fn suite(
             }
             Err(e) => fail(report, "rss.idle_kib", e),
         }
+        // Right after idle, on a fresh daemon: the growth per sandbox includes first-use
+        // allocations (an upper bound); the after-destroy figure shows what stays.
+        eprintln!("bench: RSS with {} sandboxes", p.rss_sandboxes);
+        rss_group(&t, d, p.rss_sandboxes, n, report).await;
     }
 
     let lower = assets.rootfs.clone();
@@ -432,11 +443,6 @@ async fn suite(
             }
             Err(e) => fail(report, "anvil.get.max", e),
         }
-    }
-
-    if wants(args, "rss") {
-        eprintln!("bench: RSS with {} sandboxes", p.rss_sandboxes);
-        rss_group(&t, d, p.rss_sandboxes, n, report).await;
     }
 
     if wants(args, "oci") {
@@ -625,4 +631,66 @@ fn machine_info() -> std::collections::BTreeMap<String, String> {
     m.insert("kvm".into(), kvm.into());
     m.insert("load average (start)".into(), loadavg());
     m
+}
+
+/// Backend-side timings the daemon logs (`took_ms=` of bwrap creates/restarts, `ms=` of
+/// instance creates), to split request latency into backend work and the rest.
+fn daemon_log_figures(log: &str, report: &mut Report) {
+    let log = strip_ansi(log);
+    let grab = |needle: &str, field: &str| -> Vec<f64> {
+        log.lines()
+            .filter(|l| l.contains(needle))
+            .filter_map(|l| {
+                let rest = l.split(field).nth(1)?;
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    };
+    for (needle, field, key) in [
+        (
+            "bwrap sandbox ready",
+            "took_ms=",
+            "daemon_log.bwrap_create_ms_p50",
+        ),
+        (
+            "bwrap sandbox restarted",
+            "took_ms=",
+            "daemon_log.bwrap_restart_ms_p50",
+        ),
+        (
+            "firecracker VM ready",
+            "ms=",
+            "daemon_log.firecracker_ready_ms_p50",
+        ),
+    ] {
+        let mut v = grab(needle, field);
+        if v.is_empty() {
+            continue;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        report
+            .values
+            .insert(key.into(), stats::percentile(&v, 50.0));
+    }
+}
+
+/// Removes terminal colour sequences (`ESC [ ... m`) the daemon's text log may contain.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for n in chars.by_ref() {
+                if n.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

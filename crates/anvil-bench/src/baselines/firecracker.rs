@@ -10,6 +10,7 @@ use crate::stats::{run_clients, Budget, Run, Series};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 use tokio::sync::oneshot;
@@ -22,7 +23,10 @@ struct Vmm {
     child: tokio::process::Child,
     api: Client,
     sock: PathBuf,
+    log: PathBuf,
     marker: Option<oneshot::Receiver<()>>,
+    /// The last bytes of the console, for error messages.
+    tail: Arc<Mutex<Vec<u8>>>,
 }
 
 impl Vmm {
@@ -30,11 +34,18 @@ impl Vmm {
     /// (stdout) is drained by a task that reports the ready marker.
     async fn start(dir: &Path, name: &str) -> Result<Vmm> {
         let sock = dir.join(format!("{name}.sock"));
+        // Firecracker logs to stdout by default, interleaved with the serial console (it can
+        // split the marker); its log goes to a file instead, as in the daemon.
+        let log = dir.join(format!("{name}.log"));
+        std::fs::File::create(&log).ctx(format!("create {}", log.display()))?;
         let mut child = tokio::process::Command::new(FIRECRACKER)
             .arg("--api-sock")
             .arg(&sock)
             .arg("--id")
             .arg(name)
+            .arg("--log-path")
+            .arg(&log)
+            .args(["--level", "Warning"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -43,13 +54,27 @@ impl Vmm {
             .ctx(format!("spawn {FIRECRACKER}"))?;
         let mut out = child.stdout.take().ctx("firecracker stdout")?;
         let (tx, rx) = oneshot::channel();
+        let tail = Arc::new(Mutex::new(Vec::new()));
+        let tail_w = tail.clone();
         tokio::spawn(async move {
             let mut tx = Some(tx);
             let mut seen = Vec::<u8>::new();
             let mut buf = [0u8; 4096];
-            while let Ok(n) = out.read(&mut buf).await {
-                if n == 0 {
-                    break;
+            loop {
+                let n = match out.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        if let Ok(mut t) = tail_w.lock() {
+                            t.extend_from_slice(format!("[console read error: {e}]").as_bytes());
+                        }
+                        break;
+                    }
+                };
+                if let Ok(mut t) = tail_w.lock() {
+                    t.extend_from_slice(&buf[..n]);
+                    let excess = t.len().saturating_sub(2048);
+                    t.drain(..excess);
                 }
                 if tx.is_some() {
                     seen.extend_from_slice(&buf[..n]);
@@ -84,7 +109,9 @@ impl Vmm {
             child,
             api,
             sock,
+            log,
             marker: Some(rx),
+            tail,
         })
     }
 
@@ -115,17 +142,28 @@ impl Vmm {
         self.put("/actions", json!({"action_type": "InstanceStart"}))
             .await?;
         let rx = self.marker.take().ctx("marker already consumed")?;
-        tokio::time::timeout(LIMIT, rx)
-            .await
-            .ctx("test guest marker not seen within 10 s")?
-            .ctx("firecracker console closed before the marker")?;
-        Ok(())
+        let seen = tokio::time::timeout(LIMIT, rx).await;
+        match seen {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Error(format!(
+                "test guest marker not seen within {LIMIT:?}; console: {}",
+                self.console_tail()
+            ))),
+        }
+    }
+
+    fn console_tail(&self) -> String {
+        self.tail
+            .lock()
+            .map(|t| String::from_utf8_lossy(&t).into_owned())
+            .unwrap_or_default()
     }
 
     async fn stop(mut self) {
         let _ = self.child.start_kill();
         let _ = tokio::time::timeout(LIMIT, self.child.wait()).await;
         let _ = std::fs::remove_file(&self.sock);
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
