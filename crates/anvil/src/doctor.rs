@@ -61,15 +61,6 @@ impl Report {
     }
 }
 
-fn free_bytes(p: &Path) -> Option<u64> {
-    let mut probe = p.to_path_buf();
-    while !probe.exists() {
-        probe = probe.parent()?.to_path_buf();
-    }
-    let st = nix::sys::statvfs::statvfs(&probe).ok()?;
-    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
-}
-
 pub async fn run(config: &Path) -> bool {
     let mut r = Report { rows: Vec::new() };
     let cfg: Config = match crate::load_config(config) {
@@ -144,25 +135,45 @@ pub async fn run(config: &Path) -> bool {
             }
         }
     }
-    // State dir writable.
+    // State dir writable; doctor does not create it (the daemon does at start).
     let sd = &cfg.daemon.state_dir;
-    match std::fs::create_dir_all(sd).and_then(|_| tempfile_probe(sd)) {
-        Ok(()) => r.add("state dir", Status::Ok, sd.display().to_string()),
-        Err(e) => r.add("state dir", Status::Fail, format!("{}: {e}", sd.display())),
+    if sd.is_dir() {
+        match tempfile_probe(sd) {
+            Ok(()) => r.add("state dir", Status::Ok, sd.display().to_string()),
+            Err(e) => r.add("state dir", Status::Fail, format!("{}: {e}", sd.display())),
+        }
+    } else {
+        let mut parent = sd.as_path();
+        while !parent.exists() {
+            parent = parent.parent().unwrap_or(Path::new("/"));
+        }
+        match nix::unistd::access(parent, nix::unistd::AccessFlags::W_OK) {
+            Ok(()) if parent.is_dir() => r.add(
+                "state dir",
+                Status::Ok,
+                format!(
+                    "{} (created at daemon start; {} is writable)",
+                    sd.display(),
+                    parent.display()
+                ),
+            ),
+            Ok(()) => r.add(
+                "state dir",
+                Status::Fail,
+                format!("{}: {} is not a directory", sd.display(), parent.display()),
+            ),
+            Err(e) => r.add(
+                "state dir",
+                Status::Fail,
+                format!(
+                    "{}: cannot be created under {}: {e}",
+                    sd.display(),
+                    parent.display()
+                ),
+            ),
+        }
     }
-    match free_bytes(sd) {
-        Some(b) if b < 1 << 30 => r.add(
-            "disk space",
-            Status::Warn,
-            format!("{} MiB free under {}", b >> 20, sd.display()),
-        ),
-        Some(b) => r.add(
-            "disk space",
-            Status::Ok,
-            format!("{} GiB free under {}", b >> 30, sd.display()),
-        ),
-        None => r.add("disk space", Status::Warn, "cannot stat the state dir"),
-    }
+    disk_space(&mut r, &cfg);
     // The running daemon.
     let sock = &cfg.daemon.socket;
     match crate::client::request(sock, "GET", "/v1/health", None).await {
@@ -219,14 +230,18 @@ pub async fn run(config: &Path) -> bool {
             r.add("guest agent", Status::Fail, format!("{} not found (build it with scripts/build-agent.sh or set [daemon].agent_binary)", agent.display()));
         }
     }
-    r.add("cgroup mode", Status::Info, crate::util::cgroup_mode());
+    cgroups(&mut r, &cfg);
     let fc = probes.iter().any(|(k, _)| *k == BackendKind::Firecracker);
     match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
     {
-        Ok(_) => r.add("kvm", Status::Ok, "/dev/kvm is usable"),
+        Ok(_) => r.add(
+            "kvm",
+            Status::Ok,
+            format!("/dev/kvm is usable ({})", kvm_kind()),
+        ),
         Err(e) if fc => r.add(
             "kvm",
             Status::Fail,
@@ -239,6 +254,153 @@ pub async fn run(config: &Path) -> bool {
         ),
     }
     r.print()
+}
+
+/// Free space of the state, images and templates dirs, one row per file system.
+fn disk_space(r: &mut Report, cfg: &Config) {
+    let dirs = [
+        ("state dir", cfg.daemon.state_dir.clone()),
+        ("images dir", cfg.storage_images_dir()),
+        ("templates dir", cfg.storage_templates_dir()),
+    ];
+    let mut seen = Vec::new();
+    for (what, dir) in dirs {
+        let Some((fsid, free)) = fs_free(&dir) else {
+            r.add(
+                format!("disk space ({what})"),
+                Status::Warn,
+                format!("cannot stat {}", dir.display()),
+            );
+            continue;
+        };
+        if seen.contains(&fsid) {
+            continue;
+        }
+        seen.push(fsid);
+        let (status, amount) = if free < 1 << 30 {
+            (Status::Warn, format!("{} MiB", free >> 20))
+        } else {
+            (Status::Ok, format!("{} GiB", free >> 30))
+        };
+        r.add(
+            format!("disk space ({what})"),
+            status,
+            format!("{amount} free under {}", dir.display()),
+        );
+    }
+}
+
+/// (file system id, free bytes) of the nearest existing ancestor of `p`.
+fn fs_free(p: &Path) -> Option<(u64, u64)> {
+    let mut probe = p.to_path_buf();
+    while !probe.exists() {
+        probe = probe.parent()?.to_path_buf();
+    }
+    let st = nix::sys::statvfs::statvfs(&probe).ok()?;
+    Some((
+        st.filesystem_id() as u64,
+        st.blocks_available() as u64 * st.fragment_size() as u64,
+    ))
+}
+
+/// The cgroup layout with its controllers, `[cgroup].mode` against it, and where sandbox
+/// cgroups go (`[cgroup].root` in every hierarchy).
+fn cgroups(r: &mut Report, cfg: &Config) {
+    let host = crate::util::cgroup_mode();
+    let layout = match anvil_backends::cgroup::detect::from_proc() {
+        Ok(l) => l,
+        Err(e) => {
+            r.add("cgroups", Status::Fail, format!("{host}: {e}"));
+            return;
+        }
+    };
+    let mut parts: Vec<String> = layout
+        .v1
+        .iter()
+        .map(|(c, m)| format!("{c} ({})", m.display()))
+        .collect();
+    if let Some(u) = &layout.unified {
+        let ctrls = std::fs::read_to_string(u.join("cgroup.controllers")).unwrap_or_default();
+        let ctrls = ctrls.trim();
+        parts.push(format!(
+            "cgroup2 at {} [{}]",
+            u.display(),
+            if ctrls.is_empty() {
+                "no controllers"
+            } else {
+                ctrls
+            }
+        ));
+    }
+    r.add(
+        "cgroups",
+        Status::Ok,
+        format!("{host}: {}", parts.join(", ")),
+    );
+    let wanted = cfg.cgroup.mode.as_str();
+    let fits = match wanted {
+        "v1" => matches!(host, "v1" | "hybrid"),
+        "v2" => host == "v2",
+        _ => true,
+    };
+    if !fits {
+        r.add(
+            "cgroup mode",
+            Status::Fail,
+            format!("[cgroup].mode = {wanted}, but this host is {host}; the daemon will not start"),
+        );
+    }
+    let mut roots: Vec<String> = layout
+        .v1
+        .values()
+        .chain(layout.unified.iter())
+        .map(|m| m.join(&cfg.cgroup.root).display().to_string())
+        .collect();
+    if layout.mode == anvil_backends::cgroup::Mode::V2 {
+        roots.truncate(1);
+    }
+    roots.dedup();
+    r.add("cgroup root", Status::Info, roots.join(" "));
+}
+
+/// What kind of KVM this is: hardware (kvm_intel / kvm_amd, nested or not) or PVM.
+fn kvm_kind() -> String {
+    let module = |m: &str| Path::new("/sys/module").join(m).is_dir();
+    let nested = |m: &str| {
+        std::fs::read_to_string(Path::new("/sys/module").join(m).join("parameters/nested"))
+            .map(|v| matches!(v.trim(), "Y" | "1"))
+            .unwrap_or(false)
+    };
+    let hypervisor = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines()
+                .any(|l| l.starts_with("flags") && l.contains(" hypervisor"))
+        })
+        .unwrap_or(false);
+    let guest = if hypervisor { ", inside a VM" } else { "" };
+    if module("kvm_pvm") {
+        format!("PVM: software-based KVM{guest}; only PVM-enabled guest kernels boot at full speed")
+    } else if module("kvm_intel") {
+        format!(
+            "kvm_intel, hardware{}{guest}",
+            if nested("kvm_intel") {
+                ", nested enabled"
+            } else {
+                ""
+            }
+        )
+    } else if module("kvm_amd") {
+        format!(
+            "kvm_amd, hardware{}{guest}",
+            if nested("kvm_amd") {
+                ", nested enabled"
+            } else {
+                ""
+            }
+        )
+    } else {
+        format!("kvm module not identified{guest}")
+    }
 }
 
 fn tempfile_probe(dir: &Path) -> std::io::Result<()> {
