@@ -17,7 +17,6 @@ pub mod procfs;
 pub mod registry;
 pub mod spec;
 
-
 pub use spec::*;
 
 use anvil_core::backend::{BackendKind, Capabilities, CheckpointKind, ResetMode};
@@ -26,7 +25,11 @@ use std::path::Path;
 
 /// Reset `full-recreate` for any backend: destroy, then create from the template (never
 /// from a checkpoint: a reset goes back to the template).
-pub async fn recreate<B: Backend + ?Sized>(b: &B, rt: &Runtime, spec: &InstanceSpec) -> Result<Runtime, BackendError> {
+pub async fn recreate<B: Backend + ?Sized>(
+    b: &B,
+    rt: &Runtime,
+    spec: &InstanceSpec,
+) -> Result<Runtime, BackendError> {
     b.destroy(rt).await?;
     let mut fresh = spec.clone();
     fresh.from_checkpoint = None;
@@ -44,10 +47,18 @@ pub struct Probe {
 
 impl Probe {
     pub fn available(version: impl Into<String>) -> Self {
-        Probe { available: true, version: Some(version.into()), reason: None }
+        Probe {
+            available: true,
+            version: Some(version.into()),
+            reason: None,
+        }
     }
     pub fn unavailable(reason: impl Into<String>) -> Self {
-        Probe { available: false, version: None, reason: Some(reason.into()) }
+        Probe {
+            available: false,
+            version: None,
+            reason: Some(reason.into()),
+        }
     }
 }
 
@@ -55,7 +66,10 @@ impl Probe {
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("operation `{op}` is not supported by backend {backend}")]
-    Unsupported { backend: BackendKind, op: &'static str },
+    Unsupported {
+        backend: BackendKind,
+        op: &'static str,
+    },
     #[error("sandbox is gone: {0}")]
     Gone(String),
     #[error("spawn failed: {0}")]
@@ -74,7 +88,10 @@ pub enum BackendError {
 
 impl BackendError {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        BackendError::Io { context: context.into(), source }
+        BackendError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -113,13 +130,24 @@ pub trait Backend: Send + Sync + 'static {
     async fn resume(&self, rt: &Runtime) -> Result<(), BackendError>;
 
     /// Brings the sandbox back to its template state with `mode`; may return a new runtime.
-    async fn reset(&self, rt: &Runtime, spec: &InstanceSpec, mode: ResetMode) -> Result<Runtime, BackendError>;
+    async fn reset(
+        &self,
+        rt: &Runtime,
+        spec: &InstanceSpec,
+        mode: ResetMode,
+    ) -> Result<Runtime, BackendError>;
 
     /// Writes a checkpoint of the sandbox into `dir` (created by the daemon, empty).
-    async fn checkpoint(&self, rt: &Runtime, dir: &Path) -> Result<CheckpointOutcome, BackendError>;
+    async fn checkpoint(&self, rt: &Runtime, dir: &Path)
+        -> Result<CheckpointOutcome, BackendError>;
 
     /// Restores this sandbox in place to the checkpoint in `dir`.
-    async fn rollback(&self, rt: &Runtime, spec: &InstanceSpec, dir: &Path) -> Result<Runtime, BackendError>;
+    async fn rollback(
+        &self,
+        rt: &Runtime,
+        spec: &InstanceSpec,
+        dir: &Path,
+    ) -> Result<Runtime, BackendError>;
 
     /// Where the guest agent of this sandbox listens, if the backend runs one.
     fn agent_endpoint(&self, rt: &Runtime) -> Option<agent::AgentEndpoint>;
@@ -132,18 +160,49 @@ pub trait Backend: Send + Sync + 'static {
     /// time)? If not, the backend cleans up what is left and returns false.
     async fn adopt(&self, rt: &Runtime) -> Result<bool, BackendError>;
 
+    /// After a daemon restart: removes whatever a create that never finished (so no runtime
+    /// was recorded) left under the spec's names — processes in its cgroup, mounts, sockets,
+    /// the instance directory. Idempotent. The default removes the instance directory.
+    async fn cleanup_unstarted(&self, spec: &InstanceSpec) -> Result<(), BackendError> {
+        match std::fs::remove_dir_all(&spec.instance_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BackendError::io(
+                format!("remove {}", spec.instance_dir.display()),
+                e,
+            )),
+        }
+    }
+
     /// Prepares what a template needs on this backend before it can serve (a VM boot
     /// snapshot), writing into `dir`. Returns the snapshot directory if one was made. The
     /// default has nothing to prepare.
-    async fn prepare_template(&self, _template: &TemplateFiles, _vm: &VmSpec, _dir: &Path) -> Result<Option<std::path::PathBuf>, BackendError> {
+    async fn prepare_template(
+        &self,
+        _template: &TemplateFiles,
+        _vm: &VmSpec,
+        _dir: &Path,
+    ) -> Result<Option<std::path::PathBuf>, BackendError> {
         Ok(None)
     }
 
     /// Files in the sandbox for backends without an agent (mock); the default says unsupported.
     async fn read_file(&self, _rt: &Runtime, _path: &str) -> Result<Vec<u8>, BackendError> {
-        Err(BackendError::Unsupported { backend: self.kind(), op: "files" })
+        Err(BackendError::Unsupported {
+            backend: self.kind(),
+            op: "files",
+        })
     }
-    async fn write_file(&self, _rt: &Runtime, _path: &str, _data: &[u8], _mode: u32) -> Result<(), BackendError> {
-        Err(BackendError::Unsupported { backend: self.kind(), op: "files" })
+    async fn write_file(
+        &self,
+        _rt: &Runtime,
+        _path: &str,
+        _data: &[u8],
+        _mode: u32,
+    ) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported {
+            backend: self.kind(),
+            op: "files",
+        })
     }
 }

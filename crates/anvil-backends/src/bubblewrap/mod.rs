@@ -589,6 +589,17 @@ impl Backend for BubblewrapBackend {
         self.teardown(&data, rt.pid, rt.pid_start_time).await?;
         Ok(false)
     }
+
+    async fn cleanup_unstarted(&self, spec: &InstanceSpec) -> Result<(), BackendError> {
+        // bwrap may already run in the cgroup (the daemon died while waiting for the agent);
+        // teardown kills the cgroup, unmounts the overlay, removes the cgroup and the dir.
+        let cgroup = self
+            .cgroups()?
+            .open(&spec.cgroup_name)
+            .map_err(|e| BackendError::Other(format!("cgroup {}: {e}", spec.cgroup_name)))?;
+        let data = BwrapData::new(&spec.instance_dir, cgroup);
+        self.teardown(&data, None, None).await
+    }
 }
 
 /// Runs blocking file-system/cgroup work off the async threads.

@@ -306,10 +306,9 @@ impl FirecrackerBackend {
             Source::Snapshot(dir) => Some(self.check_snapshot(dir)?),
             Source::Boot(_) => None,
         };
-        let vsock = meta.as_ref().map_or(
-            vm.enable_vsock || *probe == ReadyProbe::Agent,
-            |m| m.vsock,
-        );
+        let vsock = meta
+            .as_ref()
+            .map_or(vm.enable_vsock || *probe == ReadyProbe::Agent, |m| m.vsock);
         let vmm_id = layout::vmm_id(&spec.id);
         let (vm_dir, jail_dir) = if self.cfg.use_jailer {
             let jail = layout::jail_dir(&self.cfg.chroot_base, &self.cfg.firecracker, &vmm_id);
@@ -329,8 +328,7 @@ impl FirecrackerBackend {
                 None,
             )
         };
-        let want_console =
-            vm.serial_log || matches!(probe, ReadyProbe::SerialMarker(_));
+        let want_console = vm.serial_log || matches!(probe, ReadyProbe::SerialMarker(_));
         let mut fc = FcRuntime {
             instance_dir: spec.instance_dir.clone(),
             vm_dir: vm_dir.host.clone(),
@@ -855,12 +853,18 @@ impl FirecrackerBackend {
 
 #[async_trait]
 impl Backend for FirecrackerBackend {
-    async fn prepare_template(&self, template: &TemplateFiles, vm: &VmSpec, dir: &Path) -> Result<Option<PathBuf>, BackendError> {
+    async fn prepare_template(
+        &self,
+        template: &TemplateFiles,
+        vm: &VmSpec,
+        dir: &Path,
+    ) -> Result<Option<PathBuf>, BackendError> {
         if template.kernel.is_none() {
             return Ok(None);
         }
         let out = dir.join("snapshot");
-        self.prepare_snapshot(template, vm, &dir.join("snapshot-work"), &out).await?;
+        self.prepare_snapshot(template, vm, &dir.join("snapshot-work"), &out)
+            .await?;
         Ok(Some(out))
     }
 
@@ -1061,6 +1065,28 @@ impl Backend for FirecrackerBackend {
         tracing::info!(pid = ?rt.pid, dir = %fc.instance_dir.display(), "firecracker VM is gone or unresponsive; cleaning up");
         self.teardown_fc(rt, &fc, true).await?;
         Ok(false)
+    }
+
+    async fn cleanup_unstarted(&self, spec: &InstanceSpec) -> Result<(), BackendError> {
+        // A VMM may already run in the sandbox's cgroup: kill it before removing its files.
+        if let Some(m) = &self.cgroups {
+            let cg = m
+                .open(&spec.cgroup_name)
+                .map_err(|e| BackendError::Other(format!("cgroup {}: {e}", spec.cgroup_name)))?;
+            tokio::task::spawn_blocking(move || cg.kill_all().and_then(|_| cg.remove()))
+                .await
+                .map_err(|e| BackendError::Other(format!("cgroup cleanup task: {e}")))?
+                .map_err(|e| BackendError::Other(format!("cgroup cleanup: {e}")))?;
+        }
+        if self.cfg.use_jailer {
+            let vmm_id = layout::vmm_id(&spec.id);
+            remove_tree(&layout::jail_dir(
+                &self.cfg.chroot_base,
+                &self.cfg.firecracker,
+                &vmm_id,
+            ))?;
+        }
+        remove_tree(&spec.instance_dir)
     }
 }
 

@@ -202,8 +202,15 @@ impl Manager {
                     SandboxState::Pending | SandboxState::Creating | SandboxState::Reset
                 ) =>
             {
-                if let (Some(rt), Some(b)) = (&rec.runtime, &backend) {
-                    let _ = b.destroy(rt).await;
+                let cleaned = match (&rec.runtime, &backend) {
+                    (Some(rt), Some(b)) => b.destroy(rt).await,
+                    // No runtime recorded yet: the backend may still have started processes,
+                    // mounted and made a cgroup under the spec's names.
+                    (None, Some(b)) => b.cleanup_unstarted(&rec.spec).await,
+                    (_, None) => Ok(()),
+                };
+                if let Err(e) = cleaned {
+                    warn!(instance_id = %id, error = %e, "cleaning up a half-created instance failed");
                 }
                 false
             }
@@ -231,7 +238,8 @@ impl Manager {
             return Ok(true);
         }
         let dir = rec.spec.instance_dir.clone();
-        if dir.exists() && rec.runtime.is_none() {
+        // Never recurse into a directory with something mounted under it.
+        if dir.exists() && rec.runtime.is_none() && !crate::util::has_mounts_under(&dir) {
             let _ = std::fs::remove_dir_all(&dir);
         }
         rec.runtime = None;
