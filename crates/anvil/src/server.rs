@@ -31,6 +31,34 @@ fn read_tokens(path: &Path) -> Result<Vec<String>, String> {
     Ok(tokens)
 }
 
+/// Whether a daemon answers HTTP on `path`. A connect alone is not enough: after a
+/// `kill -9`, a sandbox process forked by the dead daemon can still hold the listening
+/// socket for a moment (between fork and exec): connects succeed, then the connection is
+/// reset when that process execs, without an answer.
+fn daemon_answers(path: &Path) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(path) else {
+        return false;
+    };
+    let timeout = Some(std::time::Duration::from_secs(2));
+    if s.set_read_timeout(timeout).is_err() || s.set_write_timeout(timeout).is_err() {
+        return true;
+    }
+    let req = b"GET /v1/health HTTP/1.1\r\nHost: anvil\r\nConnection: close\r\n\r\n";
+    if s.write_all(req).is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    match s.read(&mut buf) {
+        Ok(n) => n > 0,
+        // Slow to answer is still alive: never steal the socket of a busy daemon.
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
 fn bind_unix(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
@@ -38,7 +66,7 @@ fn bind_unix(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
     }
     if path.exists() {
         // A live daemon answers on it; refuse to steal its socket.
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        if daemon_answers(path) {
             return Err(format!("another daemon is listening on {}", path.display()));
         }
         std::fs::remove_file(path)
