@@ -57,7 +57,22 @@ pub struct Loaded {
 impl Store {
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
         let path = state_dir.join("anvil.redb");
-        let db = Database::create(&path).map_err(|e| StoreError::Db {
+        // redb asserts (panics) on some damaged files, e.g. one truncated below its recorded
+        // layout; report that like any other open error instead of crashing.
+        let opened = std::panic::catch_unwind(|| Database::create(&path)).map_err(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown failure".into());
+            StoreError::Db {
+                path: path.clone(),
+                message: format!(
+                    "the file is damaged (truncated or corrupt: {what}); restore it from a backup, or move it aside to start with an empty store (the sandboxes it recorded are then not adopted)"
+                ),
+            }
+        })?;
+        let db = opened.map_err(|e| StoreError::Db {
             path: path.clone(),
             message: e.to_string(),
         })?;
