@@ -88,7 +88,22 @@ impl OpError {
         OpError::Internal(e.to_string())
     }
 
+    /// A full filesystem under the state dir (a sandbox's upper layer, a checkpoint copy, the
+    /// store) is the host's condition, not a bug: 507 Insufficient Storage.
+    fn out_of_space(&self) -> bool {
+        match self {
+            OpError::Backend { .. } | OpError::Internal(_) => {
+                let text = self.to_string();
+                text.contains("No space left on device") || text.contains("os error 28")
+            }
+            _ => false,
+        }
+    }
+
     pub fn status(&self) -> u16 {
+        if self.out_of_space() {
+            return 507;
+        }
         match self {
             OpError::BadRequest(_) => 400,
             OpError::NotFound { .. } => 404,
@@ -102,6 +117,9 @@ impl OpError {
     }
 
     pub fn code(&self) -> &'static str {
+        if self.out_of_space() {
+            return "insufficient_storage";
+        }
         match self {
             OpError::BadRequest(_) => "bad_request",
             OpError::NotFound { .. } => "not_found",
