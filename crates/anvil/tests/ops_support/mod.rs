@@ -59,6 +59,28 @@ impl OpsDaemon {
         }
     }
 
+    /// A temp dir with `config.toml` = `config` (which may use paths relative to the dir) and
+    /// `policies/<name>` for each given policy. Nothing runs yet.
+    pub fn with_config(config: &str, policies: &[(&str, &str)]) -> OpsDaemon {
+        let dir = tempfile::Builder::new()
+            .prefix("anvil-ops-")
+            .tempdir()
+            .unwrap();
+        let pdir = dir.path().join("policies");
+        std::fs::create_dir_all(&pdir).unwrap();
+        for (name, text) in policies {
+            std::fs::write(pdir.join(name), text).unwrap();
+        }
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, config).unwrap();
+        OpsDaemon {
+            socket: dir.path().join("api.sock"),
+            config: path,
+            dir,
+            child: None,
+        }
+    }
+
     pub fn log_path(&self) -> PathBuf {
         self.dir.path().join("daemon.log")
     }
@@ -71,8 +93,25 @@ impl OpsDaemon {
     /// NOTIFY_SOCKET from the test's own environment are removed first); stderr and stdout go
     /// to the log file. Does not wait for anything.
     pub fn spawn(&mut self, env: &[(&str, &str)]) {
-        let log = std::fs::File::create(self.log_path()).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_anvil"));
+        self.spawn_wrapped(&[], env)
+    }
+
+    /// Like `spawn`, with the daemon started through `wrapper` (e.g. `setpriv ... --`): the
+    /// wrapper must exec the daemon so its pid is the daemon's. The log is appended to.
+    pub fn spawn_wrapped(&mut self, wrapper: &[String], env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(env!("CARGO_BIN_EXE_anvil"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_anvil")),
+        };
         cmd.args(["daemon", "start", "--config"])
             .arg(&self.config)
             .env_remove("ANVIL_LOG")
@@ -149,8 +188,9 @@ impl OpsDaemon {
     }
 }
 
-impl Drop for OpsDaemon {
-    fn drop(&mut self) {
+impl OpsDaemon {
+    /// SIGTERM and wait (kill after 20 s) if a daemon runs; never panics.
+    pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
             let t0 = Instant::now();
@@ -163,6 +203,24 @@ impl Drop for OpsDaemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Waits up to `timeout` for /v1/health to answer 200; never panics.
+    pub fn try_wait_serving(&self, timeout: Duration) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if let Ok((200, _)) = self.try_request("GET", "/v1/health", None) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for OpsDaemon {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
