@@ -23,6 +23,14 @@ use tracing::{info, warn};
 /// Digest used for instances without a template (mock backend only).
 pub const NO_TEMPLATE_DIGEST: &str = "none";
 
+/// Why a new instance could not be reserved.
+enum Reserve {
+    /// The id is taken (an idempotent retry, or a conflict).
+    Exists(Arc<Slot>),
+    /// `[daemon].max_instances` live instances already.
+    AtCapacity,
+}
+
 /// Everything a create needs after policy evaluation and selection.
 pub(crate) struct Resolved {
     pub policy: Policy,
@@ -393,15 +401,32 @@ impl Manager {
         }
     }
 
-    /// Inserts a slot for a new id; if the id exists, hands back the existing slot instead.
-    fn reserve(&self, id: &str, rec: InstanceRecord) -> Result<Arc<Slot>, Arc<Slot>> {
+    /// Inserts a slot for a new id, admitting it against `[daemon].max_instances` under the
+    /// same lock (so concurrent creates cannot all pass the check before any of them is
+    /// counted); if the id exists, hands back the existing slot instead.
+    fn reserve(&self, id: &str, rec: InstanceRecord) -> Result<Arc<Slot>, Reserve> {
         let mut map = self.slots.write().unwrap_or_else(|e| e.into_inner());
         if let Some(existing) = map.get(id) {
-            return Err(existing.clone());
+            return Err(Reserve::Exists(existing.clone()));
+        }
+        let live = map.values().filter(|s| s.is_live()).count() as u64;
+        if live >= u64::from(self.cfg.daemon.max_instances) {
+            return Err(Reserve::AtCapacity);
         }
         let slot = Slot::new(rec);
         map.insert(id.to_string(), slot.clone());
         Ok(slot)
+    }
+
+    fn at_capacity(&self) -> OpError {
+        OpError::Unavailable {
+            code: "at_capacity",
+            message: format!(
+                "host is at capacity ({} instances, [daemon].max_instances)",
+                self.cfg.daemon.max_instances
+            ),
+            retry_after_secs: 1,
+        }
     }
 
     async fn idempotent_answer(
@@ -516,15 +541,9 @@ impl Manager {
             }
         }
 
-        if self.live_count().await >= self.cfg.daemon.max_instances as u64 {
-            return Err(OpError::Unavailable {
-                code: "at_capacity",
-                message: format!(
-                    "host is at capacity ({} instances, [daemon].max_instances)",
-                    self.cfg.daemon.max_instances
-                ),
-                retry_after_secs: 1,
-            });
+        // Cheap early refusal; `reserve` is where admission is decided.
+        if self.live_count().await >= u64::from(self.cfg.daemon.max_instances) {
+            return Err(self.at_capacity());
         }
 
         let id = req.id.clone().unwrap_or_else(new_instance_id);
@@ -550,7 +569,10 @@ impl Manager {
         set_ttl(&mut rec, ttl);
         let slot = match self.reserve(&id, rec) {
             Ok(s) => s,
-            Err(existing) => return self.idempotent_answer(&existing, &fp, &id).await,
+            Err(Reserve::Exists(existing)) => {
+                return self.idempotent_answer(&existing, &fp, &id).await
+            }
+            Err(Reserve::AtCapacity) => return Err(self.at_capacity()),
         };
         let _restoring = fork
             .as_ref()
@@ -610,6 +632,7 @@ impl Manager {
                     let _ = backend.destroy(&rt).await;
                     rec.runtime = None;
                     rec.instance.state = SandboxState::Destroyed;
+                    slot.mark_dead();
                     return Err(e);
                 }
                 let elapsed = t0.elapsed().as_secs_f64();
@@ -642,6 +665,7 @@ impl Manager {
             Err(e) => {
                 let msg = e.to_string();
                 rec.instance.state = SandboxState::Destroyed;
+                slot.mark_dead();
                 rec.instance.termination_reason = Some(TerminationReason::SpawnFailed);
                 rec.instance.destroyed_at = Some(rfc3339(now_ms()));
                 rec.instance.last_error = Some(msg.clone());
@@ -787,9 +811,10 @@ impl Manager {
         let spec = self.build_spec(&id, &r, None);
         let mut rec = self.new_record(&id, &r, spec, StartPath::Cold, &key.workload_class);
         rec.instance.pool = Some(key.clone());
-        let slot = self
-            .reserve(&id, rec)
-            .map_err(|_| OpError::internal("instance id collision"))?;
+        let slot = self.reserve(&id, rec).map_err(|e| match e {
+            Reserve::AtCapacity => self.at_capacity(),
+            Reserve::Exists(_) => OpError::internal("instance id collision"),
+        })?;
         self.spawn_into(&slot, SandboxState::Warm).await?;
         Ok(id)
     }

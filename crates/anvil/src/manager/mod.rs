@@ -46,17 +46,31 @@ pub struct Slot {
     /// Bumped whenever the runtime is replaced, so a stale supervisor ignores its own exit.
     generation: AtomicU64,
     supervisor: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Not destroyed: counts against `[daemon].max_instances`. Readable without the record
+    /// lock, so admission never waits for an operation in flight on another instance.
+    live: AtomicBool,
 }
 
 impl Slot {
     fn new(rec: InstanceRecord) -> Arc<Slot> {
         let template_hint = rec.instance.template.clone();
+        let live = rec.instance.state != SandboxState::Destroyed;
         Arc::new(Slot {
             rec: tokio::sync::Mutex::new(rec),
             template_hint,
             generation: AtomicU64::new(0),
             supervisor: Mutex::new(None),
+            live: AtomicBool::new(live),
         })
+    }
+
+    pub(crate) fn is_live(&self) -> bool {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Frees the instance's admission slot; call once its record says destroyed.
+    pub(crate) fn mark_dead(&self) {
+        self.live.store(false, Ordering::SeqCst);
     }
 
     fn stop_supervisor(&self) {
@@ -140,13 +154,12 @@ impl Manager {
 
     /// Live (not destroyed) instances, for admission control.
     pub async fn live_count(&self) -> u64 {
-        let mut n = 0;
-        for s in self.all_slots() {
-            if s.rec.lock().await.instance.state != SandboxState::Destroyed {
-                n += 1;
-            }
-        }
-        n
+        self.slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|s| s.is_live())
+            .count() as u64
     }
 
     fn backend(&self, kind: anvil_core::backend::BackendKind) -> Result<Arc<dyn Backend>, OpError> {
@@ -249,6 +262,7 @@ impl Manager {
         }
         rec.runtime = None;
         Self::transition(&mut rec, SandboxState::Destroyed)?;
+        slot.mark_dead();
         let now = now_ms();
         rec.instance.termination_reason = Some(reason);
         rec.instance.destroyed_at = Some(rfc3339(now));

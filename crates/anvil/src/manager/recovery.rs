@@ -248,6 +248,7 @@ impl Manager {
         rec.instance.destroyed_at = Some(crate::model::rfc3339(now_ms()));
         self.store.put_instance(&rec).map_err(|e| e.to_string())?;
         *slot.rec.lock().await = rec;
+        slot.mark_dead();
         warn!(instance_id = %id, was = %state, "instance lost across restart; cleaned up");
         Ok(false)
     }
