@@ -370,6 +370,9 @@ pub struct LimitsSection {
     pub default_ttl: Option<DurationValue>,
     /// Upper bound of any requested TTL; None = unbounded.
     pub max_ttl: Option<DurationValue>,
+    /// Cold creates and pool refills are refused (503) while the host's MemAvailable is
+    /// below this floor; None = no memory-based admission.
+    pub min_free_memory: Option<ByteSize>,
 }
 
 impl Default for LimitsSection {
@@ -381,6 +384,7 @@ impl Default for LimitsSection {
             max_concurrent_creates: 8,
             default_ttl: None,
             max_ttl: None,
+            min_free_memory: None,
         }
     }
 }
@@ -616,6 +620,12 @@ impl Config {
                 return Err(self.invalid(key, "must be greater than 0 (omit it for no limit)"));
             }
         }
+        if lim.min_free_memory.is_some_and(|b| b.0 == 0) {
+            return Err(self.invalid(
+                "limits.min_free_memory",
+                "must be greater than 0 (omit it for no memory floor)",
+            ));
+        }
         if let (Some(def), Some(max)) = (lim.default_ttl, lim.max_ttl) {
             if def > max {
                 return Err(self.invalid(
@@ -715,6 +725,20 @@ mod tests {
         assert_eq!(
             c.storage_templates_dir(),
             Path::new("/var/lib/anvil/templates")
+        );
+    }
+
+    #[test]
+    fn min_free_memory_is_optional_and_parsed() {
+        assert_eq!(load("").unwrap().limits.min_free_memory, None);
+        let c = load("[limits]\nmin_free_memory = \"256Mi\"").unwrap();
+        assert_eq!(c.limits.min_free_memory, Some(ByteSize::mib(256)));
+        let e = load("[limits]\nmin_free_memory = \"12Qi\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("limits.min_free_memory") && e.contains("12Qi"),
+            "{e}"
         );
     }
 
@@ -896,6 +920,7 @@ mode = "v1"
             ("[limits]\nmax_concurrent_creates = 0", "limits.max_concurrent_creates"),
             ("[limits]\ndefault_ttl = \"2h\"\nmax_ttl = \"1h\"", "limits.default_ttl"),
             ("[limits]\nmax_ttl = 0", "limits.max_ttl"),
+            ("[limits]\nmin_free_memory = 0", "limits.min_free_memory"),
             ("[cgroup]\nroot = \"../escape\"", "cgroup.root"),
             ("[cgroup]\nroot = \"/abs\"", "cgroup.root"),
             ("[cgroup]\nroot = \"\"", "cgroup.root"),

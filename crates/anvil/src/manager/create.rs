@@ -429,6 +429,27 @@ impl Manager {
         }
     }
 
+    /// Memory-based admission: refuses new sandboxes while MemAvailable is below
+    /// `[limits].min_free_memory`.
+    fn check_memory(&self) -> Result<(), OpError> {
+        let Some(floor) = self.cfg.limits.min_free_memory else {
+            return Ok(());
+        };
+        let (total, available) = crate::util::meminfo();
+        // An unreadable /proc/meminfo gives no basis to refuse.
+        if total > 0 && available < floor.bytes() {
+            return Err(OpError::Unavailable {
+                code: "insufficient_memory",
+                message: format!(
+                    "host MemAvailable is {} MiB, below [limits].min_free_memory ({floor})",
+                    available >> 20
+                ),
+                retry_after_secs: 5,
+            });
+        }
+        Ok(())
+    }
+
     async fn idempotent_answer(
         &self,
         slot: &Arc<Slot>,
@@ -545,6 +566,7 @@ impl Manager {
         if self.live_count().await >= u64::from(self.cfg.daemon.max_instances) {
             return Err(self.at_capacity());
         }
+        self.check_memory()?;
 
         let id = req.id.clone().unwrap_or_else(new_instance_id);
         // A fork, or a VM made from its template's boot snapshot, is a restore.
@@ -811,6 +833,7 @@ impl Manager {
         let spec = self.build_spec(&id, &r, None);
         let mut rec = self.new_record(&id, &r, spec, StartPath::Cold, &key.workload_class);
         rec.instance.pool = Some(key.clone());
+        self.check_memory()?;
         let slot = self.reserve(&id, rec).map_err(|e| match e {
             Reserve::AtCapacity => self.at_capacity(),
             Reserve::Exists(_) => OpError::internal("instance id collision"),
