@@ -13,7 +13,7 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 log() { printf '[setup] %s\n' "$*" >&2; }
 
-packages=(bubblewrap busybox-static e2fsprogs cpio lz4 file iproute2 procps binutils xz-utils zstd qemu-system-x86)
+packages=(bubblewrap busybox-static e2fsprogs cpio lz4 file iproute2 procps binutils xz-utils zstd qemu-system-x86 rpm dpkg-dev systemd)
 missing=()
 for p in "${packages[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
