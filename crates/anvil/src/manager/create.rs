@@ -532,6 +532,8 @@ impl Manager {
             while let Some(warm_id) = self.pools.claim(&key) {
                 match self.claim_warm(&warm_id, &req, &fp, ttl, &r).await {
                     Ok(resp) => {
+                        tracing::Span::current()
+                            .record("instance_id", tracing::field::display(&resp.instance.id));
                         self.metrics.pool_hits_total.get_or_create(&labels).inc();
                         self.wake_pools.notify_one();
                         return Ok((resp, true));
@@ -569,6 +571,7 @@ impl Manager {
         self.check_memory()?;
 
         let id = req.id.clone().unwrap_or_else(new_instance_id);
+        tracing::Span::current().record("instance_id", tracing::field::display(&id));
         // A fork, or a VM made from its template's boot snapshot, is a restore.
         let from_snapshot = r
             .template

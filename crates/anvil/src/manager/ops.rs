@@ -94,6 +94,7 @@ impl Manager {
             .map_err(|e| OpError::backend(id, "pause", e))?;
         Self::transition(&mut rec, SandboxState::Paused)?;
         self.persist(&rec)?;
+        info!(instance_id = %id, "instance paused");
         Ok(rec.instance.clone())
     }
 
@@ -127,6 +128,7 @@ impl Manager {
         }
         Self::transition(&mut rec, SandboxState::Running)?;
         self.persist(&rec)?;
+        info!(instance_id = %id, "instance resumed");
         Ok(rec.instance.clone())
     }
 
@@ -474,6 +476,7 @@ impl Manager {
         rec.instance.updated_at = rfc3339(now_ms());
         self.persist(&rec)?;
         self.supervise(&slot, new_rt);
+        info!(instance_id = %id, checkpoint_id = %ck_id, "instance rolled back");
         Ok(rec.instance.clone())
     }
 
