@@ -11,6 +11,7 @@ pub mod sdnotify;
 pub mod server;
 pub mod store;
 pub mod templates;
+pub mod tls;
 pub mod util;
 
 use anvil_core::config::Config;

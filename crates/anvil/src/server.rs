@@ -94,9 +94,11 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> Result<(), Str
         }
         _ => Vec::new(),
     };
-    if cfg.listen.tls_cert.is_some() {
-        return Err("[listen].tls_cert is set, but TLS is not supported by this build; terminate TLS in front of anvil".into());
-    }
+    // Validation guarantees both or neither, and only with http_addr.
+    let tls = match (&cfg.listen.tls_cert, &cfg.listen.tls_key) {
+        (Some(c), Some(k)) => Some(crate::tls::acceptor(c, k)?),
+        _ => None,
+    };
     let socket = cfg.daemon.socket.clone();
     let unix = bind_unix(&socket, cfg.daemon.socket_group.as_deref())?;
     let tcp = match cfg.listen.http_socket_addr() {
@@ -135,14 +137,25 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> Result<(), Str
         let addr = tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let r = api::tcp_router(m.clone(), Tokens(Arc::new(tokens)));
         let mut rx = stop_rx.clone();
-        servers.push(tokio::spawn(async move {
-            axum::serve(tcp, r)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await
-        }));
-        info!(%addr, "listening on tcp");
+        let stopped = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        match tls {
+            Some(acceptor) => {
+                let l = crate::tls::TlsListener::new(tcp, acceptor)
+                    .map_err(|e| format!("TLS listener on {addr}: {e}"))?;
+                servers.push(tokio::spawn(async move {
+                    axum::serve(l, r).with_graceful_shutdown(stopped).await
+                }));
+                info!(%addr, "listening on tcp with TLS");
+            }
+            None => {
+                servers.push(tokio::spawn(async move {
+                    axum::serve(tcp, r).with_graceful_shutdown(stopped).await
+                }));
+                info!(%addr, "listening on tcp");
+            }
+        }
     }
     crate::sdnotify::notify("READY=1\nSTATUS=serving");
 
