@@ -25,6 +25,9 @@ pub fn bwrap_args(
     };
     // user, ipc, pid, net, uts, cgroup namespaces; network only when the policy grants it.
     push(&[&"--unshare-all"]);
+    // --unshare-all only *tries* a user namespace; insist on one, and forbid nested ones:
+    // a sandbox must not reach the kernel's user-namespace-only code paths.
+    push(&[&"--unshare-user", &"--disable-userns"]);
     if spec.network {
         push(&[&"--share-net"]);
     }
