@@ -230,9 +230,10 @@ impl PoolBook {
     }
 
     /// Whether another warm instance fits under `max` (checked before returning a reset
-    /// instance to the pool).
+    /// instance to the pool). Creations in flight count: they become warm when they finish.
     pub fn has_room(&self) -> bool {
-        self.sizing.enabled && self.warm.len() < self.sizing.max as usize
+        self.sizing.enabled
+            && self.warm.len() + (self.in_flight as usize) < self.sizing.max as usize
     }
 
     /// Takes the oldest warm instance (the one closest to its TTL). Counts a hit or a miss.
