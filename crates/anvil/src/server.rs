@@ -87,6 +87,11 @@ fn bind_unix(path: &Path, group: Option<&str>) -> Result<UnixListener, String> {
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error naming what failed at start.
 pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> Result<(), String> {
+    // Handlers first: a SIGHUP or SIGTERM that arrives once the socket answers must be
+    // handled, not kill the process with the default action.
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     let tokens = match (&cfg.listen.http_addr, &cfg.listen.tokens_file) {
         (Some(_), Some(f)) => read_tokens(f)?,
         (Some(addr), None) if !cfg.listen.allow_unauthenticated => {
@@ -159,9 +164,6 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> Result<(), Str
     }
     crate::sdnotify::notify("READY=1\nSTATUS=serving");
 
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     loop {
         tokio::select! {
             _ = hup.recv() => {
