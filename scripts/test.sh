@@ -8,4 +8,4 @@ scripts/setup.sh
 # The daemon tests find the static agent here.
 export ANVIL_AGENT_BIN="${CARGO_TARGET_DIR:-$repo/target}/x86_64-unknown-linux-gnu/release/anvil-agent"
 # Tests start real sandboxes and daemons; two at a time suits a 2-core host.
-cargo test --workspace -- --test-threads="${ANVIL_TEST_THREADS:-2}" "$@"
+cargo test --workspace --no-fail-fast -- --test-threads="${ANVIL_TEST_THREADS:-2}" "$@"
