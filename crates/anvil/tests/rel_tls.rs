@@ -226,3 +226,55 @@ fn unusable_tls_files_stop_the_daemon_with_the_file_named() {
         );
     }
 }
+
+#[test]
+fn unix_socket_is_0660_with_the_configured_group() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let d = Daemon::start(Opts {
+        daemon_extra: "socket_group = \"nogroup\"\n".into(),
+        ..Default::default()
+    });
+    let md = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(md.permissions().mode() & 0o777, 0o660, "socket mode");
+    assert_eq!(md.gid(), 65534, "socket group is nogroup");
+    // A group that does not exist stops the daemon with the key named.
+    let cfg = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .replace(
+            "socket_group = \"nogroup\"",
+            "socket_group = \"no-such-group-anvil\"",
+        )
+        .replace("socket = \"api.sock\"", "socket = \"api3.sock\"");
+    let path = d.dir.path().join("bad-group.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_anvil"))
+        .args(["daemon", "start", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(text.contains("socket_group"), "{text}");
+}
+
+#[test]
+fn tcp_without_tokens_needs_explicit_allow_unauthenticated() {
+    let d = Daemon::start(Opts::default());
+    let cfg = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .replace("socket = \"api.sock\"", "socket = \"api4.sock\"")
+        + "\n[listen]\nhttp_addr = \"127.0.0.1:1\"\n";
+    let path = d.dir.path().join("no-token.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_anvil"))
+        .args(["daemon", "start", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started TCP without tokens: {text}");
+    assert!(
+        text.contains("tokens_file") && text.contains("allow_unauthenticated"),
+        "{text}"
+    );
+}
