@@ -634,16 +634,18 @@ impl Manager {
         slot: &Arc<Slot>,
         target: SandboxState,
     ) -> Result<Instance, OpError> {
-        let mut rec = slot.rec.lock().await;
-        let id = rec.instance.id.clone();
-        let backend = self.backend(rec.instance.backend)?;
-        Self::transition(&mut rec, SandboxState::Creating)?;
-        self.persist(&rec)?;
+        // Queue for a create slot *before* locking the record: a queued create stays
+        // `pending` and never blocks reads of the instance (GET, list) while it waits.
         let _permit = self
             .create_permits
             .acquire()
             .await
             .map_err(OpError::internal)?;
+        let mut rec = slot.rec.lock().await;
+        let id = rec.instance.id.clone();
+        let backend = self.backend(rec.instance.backend)?;
+        Self::transition(&mut rec, SandboxState::Creating)?;
+        self.persist(&rec)?;
         let t0 = Instant::now();
         match backend.create(&rec.spec).await {
             Ok(rt) => {
