@@ -299,3 +299,90 @@ fn request_timeout_answers_503_and_stops_the_exec_inside() {
     assert_eq!(bw.sh(&id, "echo alive"), "alive\n");
     bw.finish();
 }
+
+#[test]
+fn creates_cut_by_the_request_timeout_leave_nothing_behind() {
+    // One create at a time and a short request timeout: queued creates time out while
+    // waiting for their turn or half-way through starting bwrap.
+    let Some(bw) = Bw::start_with(
+        vec![(
+            "rel.toml",
+            bwrap_policy(
+                "rel",
+                "[pool]\nenabled = false\nreset_mode = \"overlayfs-rollback\"\n",
+            ),
+        )],
+        "[limits]\nrequest_timeout = \"1s\"\nmax_concurrent_creates = 1\n",
+    ) else {
+        return;
+    };
+    let answers = storm(&bw.d, "rel", 40);
+    let created = answers.iter().filter(|a| a.0 == 201).count();
+    let timed_out = answers
+        .iter()
+        .filter(|a| a.0 == 503 && a.2["code"] == "request_timeout")
+        .count();
+    eprintln!("40 creates, 1 at a time, 1 s timeout: {created} created, {timed_out} timed out");
+    assert_eq!(created + timed_out, 40, "{answers:?}");
+    assert!(
+        timed_out > 0,
+        "no create timed out; the test proves nothing"
+    );
+    // Abandoned creates finish in the background and are destroyed: wait for that.
+    bw.d.wait_for("abandoned creates settled", Duration::from_secs(30), || {
+        bw.d.ids("state=creating").is_empty() && bw.d.ids("state=pending").is_empty()
+    });
+    let abandoned: Vec<serde_json::Value> =
+        bw.d.get("/v1/instances?state=destroyed")
+            .json()
+            .as_array()
+            .unwrap()
+            .clone();
+    eprintln!("{} abandoned creates destroyed", abandoned.len());
+    for v in &abandoned {
+        assert_eq!(v["termination_reason"], "spawn-failed", "{v}");
+        assert!(
+            v["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("create request ended")),
+            "{v}"
+        );
+    }
+    assert_eq!(
+        abandoned.len(),
+        timed_out,
+        "one destroyed instance per timed-out create"
+    );
+    let all = bw.d.get("/v1/instances?state=creating").json();
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        0,
+        "instances stuck in creating: {all}"
+    );
+    let all = bw.d.get("/v1/instances?state=pending").json();
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        0,
+        "instances stuck in pending: {all}"
+    );
+    let running = bw.d.ids("state=running");
+    let host = bw.d.get("/v1/host").json();
+    assert_eq!(
+        host["capacity"]["used"].as_u64().unwrap() as usize,
+        running.len(),
+        "capacity counts only live sandboxes: {host}"
+    );
+    let mut dirs: Vec<String> = std::fs::read_dir(bw.instances_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    dirs.sort();
+    let mut r = running.clone();
+    r.sort();
+    assert_eq!(dirs, r, "instance dirs = running sandboxes");
+    for id in &running {
+        assert_eq!(bw.d.delete(&format!("/v1/instances/{id}")).status, 200);
+    }
+    bw.finish();
+}

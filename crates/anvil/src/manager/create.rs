@@ -599,20 +599,35 @@ impl Manager {
             }
             Err(Reserve::AtCapacity) => return Err(self.at_capacity()),
         };
-        let _restoring = fork
-            .as_ref()
-            .map(|c| RestoreGuard::new(self, &c.checkpoint.checkpoint_id));
-        let instance = self.spawn_into(&slot, SandboxState::Running).await?;
-        if let Err(e) = self
-            .run_hooks(&slot, &r.policy.hooks.on_create.sequence)
-            .await
-        {
-            let _ = self
-                .destroy_slot(&slot, TerminationReason::SpawnFailed, None)
-                .await;
-            return Err(e);
-        }
-        let instance = self.slot_instance(&slot).await.unwrap_or(instance);
+        // The spawn runs in its own task: if this request is dropped half-way (request
+        // timeout, client gone), the guard lets it finish and then destroys the instance,
+        // instead of leaving it `creating` forever with its processes and mounts.
+        let me = self.clone();
+        let task_slot = slot.clone();
+        let hooks = r.policy.hooks.on_create.sequence.clone();
+        let restore_from = fork.as_ref().map(|c| c.checkpoint.checkpoint_id.clone());
+        let mut work = CreateWork {
+            m: self.clone(),
+            slot: slot.clone(),
+            handle: Some(tokio::spawn(async move {
+                let _restoring = restore_from.as_deref().map(|ck| RestoreGuard::new(&me, ck));
+                let instance = me.spawn_into(&task_slot, SandboxState::Running).await?;
+                if let Err(e) = me.run_hooks(&task_slot, &hooks).await {
+                    let _ = me
+                        .destroy_slot(&task_slot, TerminationReason::SpawnFailed, None)
+                        .await;
+                    return Err(e);
+                }
+                Ok(me.slot_instance(&task_slot).await.unwrap_or(instance))
+            })),
+        };
+        let joined = match work.handle.as_mut() {
+            Some(h) => h.await,
+            None => return Err(OpError::internal("create task missing")),
+        };
+        work.handle = None;
+        let instance =
+            joined.map_err(|e| OpError::internal(format!("create task failed: {e}")))??;
         Ok((
             CreateResponse {
                 start_path,
@@ -877,6 +892,44 @@ impl Manager {
             }
         }
         Ok(())
+    }
+}
+
+/// A cold create running in its own task. Dropped before the task's result was taken (the
+/// request was cancelled), it waits for the task in the background and destroys the instance:
+/// the client got an error, so nothing of that create may stay.
+struct CreateWork {
+    m: Arc<Manager>,
+    slot: Arc<Slot>,
+    handle: Option<tokio::task::JoinHandle<Result<Instance, OpError>>>,
+}
+
+impl Drop for CreateWork {
+    fn drop(&mut self) {
+        let Some(h) = self.handle.take() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (m, slot) = (self.m.clone(), self.slot.clone());
+        rt.spawn(async move {
+            let _ = h.await;
+            let id = {
+                let mut rec = slot.rec.lock().await;
+                if rec.instance.state != SandboxState::Destroyed {
+                    rec.instance.last_error = Some(
+                        "the create request ended (request timeout or client gone) before the sandbox was ready".into(),
+                    );
+                }
+                rec.instance.id.clone()
+            };
+            warn!(instance_id = %id, "create request abandoned; destroying the instance it started");
+            if let Err(e) = m
+                .destroy_slot(&slot, TerminationReason::SpawnFailed, None)
+                .await
+            {
+                warn!(instance_id = %id, error = %e, "destroying an abandoned create failed");
+            }
+        });
     }
 }
 
