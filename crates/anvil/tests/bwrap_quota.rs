@@ -25,25 +25,47 @@ fn fork_bomb_stops_at_pids_max() {
     let path = format!("/v1/instances/{id}/exec");
     let body = json!({"cmd": ["/bin/sh", "-c", "for i in $(seq 100); do sleep 3 & done; wait; echo finished"], "timeout_ms": 30_000});
     let d = &bw.d;
-    let (resp, peak) = std::thread::scope(|s| {
-        let h = s.spawn(|| d.post(&path, body.clone()));
-        let mut peak = 0usize;
-        while !h.is_finished() {
-            peak = peak.max(bw.cgroup_procs(&id).len());
-            // The host is fine meanwhile: the test process can fork, the daemon answers.
-            let st = std::process::Command::new("true").status().unwrap();
-            assert!(st.success());
-            std::thread::sleep(Duration::from_millis(20));
+    let refused = || -> u64 {
+        let events = bw.cgroup_file(&id, "pids", "pids.events");
+        events
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("0")
+            .parse()
+            .unwrap_or(0)
+    };
+    // A shell that dies before it forks at all (seen once under heavy CI load: exit 2, no
+    // output) proves nothing either way: run the bomb again, at most three times.
+    let mut peak = 0usize;
+    let mut last = serde_json::Value::Null;
+    for _ in 0..3 {
+        let (resp, p) = std::thread::scope(|s| {
+            let h = s.spawn(|| d.post(&path, body.clone()));
+            let mut peak = 0usize;
+            while !h.is_finished() {
+                peak = peak.max(bw.cgroup_procs(&id).len());
+                // The host is fine meanwhile: the test process can fork, the daemon answers.
+                let st = std::process::Command::new("true").status().unwrap();
+                assert!(st.success());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (h.join().unwrap(), peak)
+        });
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        peak = peak.max(p);
+        last = resp.json();
+        eprintln!(
+            "fork bomb: peak {p} processes; exec {last}; refused forks {}",
+            refused()
+        );
+        if refused() > 0 {
+            break;
         }
-        (h.join().unwrap(), peak)
-    });
-    assert_eq!(resp.status, 200, "{}", resp.text());
-    let v = resp.json();
-    eprintln!("fork bomb: peak {peak} processes; exec {v}");
-    let stderr = v["stderr"].as_str().unwrap();
+    }
+    let stderr = last["stderr"].as_str().unwrap_or_default();
     assert!(
         stderr.contains("fork") || stderr.contains("Resource temporarily unavailable"),
-        "no fork failure reported: {v}"
+        "no fork failure reported: {last}"
     );
     assert!(
         (20..=32).contains(&peak),
