@@ -386,3 +386,62 @@ fn creates_cut_by_the_request_timeout_leave_nothing_behind() {
     }
     bw.finish();
 }
+
+#[test]
+fn checkpoint_cut_by_the_request_timeout_leaves_no_orphan_copy() {
+    let Some(bw) = Bw::start_with(
+        vec![(
+            "rel.toml",
+            bwrap_policy(
+                "rel",
+                "[pool]\nenabled = false\nreset_mode = \"overlayfs-rollback\"\n",
+            ),
+        )],
+        "[limits]\nrequest_timeout = \"1s\"\n",
+    ) else {
+        return;
+    };
+    let id = bw.create("rel");
+    // Many small files in the upper layer (written on the host, straight into it) make the
+    // copy slow: metadata, not bytes, so it costs little disk.
+    let many = bw.instance_dir(&id).join("upper/many");
+    for d in 0..30 {
+        let dir = many.join(format!("d{d}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..300 {
+            std::fs::write(dir.join(format!("f{f}")), b"x").unwrap();
+        }
+    }
+    let t0 = Instant::now();
+    let r =
+        bw.d.post(&format!("/v1/instances/{id}/checkpoint"), json!({}));
+    eprintln!(
+        "checkpoint of 9000 files with a 1 s timeout: {} after {:?}",
+        r.status,
+        t0.elapsed()
+    );
+    let cks = bw.d.state_dir().join("checkpoints");
+    if r.status == 200 {
+        eprintln!("SKIP: the copy finished within the request timeout; nothing was cut");
+    } else {
+        expect_error(&r, 503, Some("request_timeout"));
+    }
+    // The checkpoint runs to completion behind the timed-out request: once it is over,
+    // every checkpoint dir belongs to a listed checkpoint (no orphan copy).
+    bw.d.wait_for("the checkpoint recorded", Duration::from_secs(60), || {
+        let listed = bw.d.get(&format!("/v1/instances/{id}/checkpoints")).json();
+        let n = listed.as_array().map(Vec::len).unwrap_or(0);
+        n == 1 && std::fs::read_dir(&cks).unwrap().count() == n
+    });
+    assert_eq!(bw.instance(&id)["state"], "running");
+    assert_eq!(
+        bw.sh(&id, "echo thawed"),
+        "thawed\n",
+        "sandbox not left frozen"
+    );
+    assert_eq!(
+        bw.cgroup_file(&id, "freezer", "freezer.state").trim(),
+        "THAWED"
+    );
+    bw.finish();
+}

@@ -93,6 +93,7 @@ pub fn router(m: Arc<Manager>) -> Router {
         .merge(files)
         .fallback(h::not_found)
         .method_not_allowed_fallback(h::method_not_allowed)
+        .layer(middleware::from_fn(run_to_completion))
         .layer(middleware::from_fn_with_state(timeout, request_timeout))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
@@ -134,6 +135,30 @@ async fn observe(State(s): State<AppState>, req: Request, next: Next) -> Respons
         .observe(t0.elapsed().as_secs_f64());
     span.in_scope(|| tracing::debug!(status, ms = t0.elapsed().as_millis() as u64, path = %path, "request done"));
     resp
+}
+
+/// Operations that change state run to completion in their own task even when the request
+/// is cut short (request timeout, client gone): a destroy, reset or checkpoint dropped
+/// half-way would leave a half-torn-down sandbox or an orphan checkpoint copy. Exec stays
+/// tied to its request (a client that leaves kills its command); creates handle being
+/// abandoned themselves (the sandbox is destroyed, see `Manager::create`); reads are free.
+async fn run_to_completion(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let tied = req.method() == axum::http::Method::GET
+        || path.ends_with("/exec")
+        || path == "/v1/instances";
+    if tied {
+        return next.run(req).await;
+    }
+    match tokio::spawn(next.run(req)).await {
+        Ok(r) => r,
+        Err(e) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("request task failed: {e}"),
+        )
+        .into_response(),
+    }
 }
 
 async fn request_timeout(State(limit): State<Duration>, req: Request, next: Next) -> Response {
