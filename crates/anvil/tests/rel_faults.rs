@@ -192,8 +192,12 @@ fn full_instances_filesystem_fails_writes_and_creates_cleanly() {
             "0",
             "partial upload visible: {ls}"
         );
-        // A create on the full filesystem fails cleanly or succeeds; never leaks.
+        // Take the last free blocks from the host too, then create: it fails cleanly naming
+        // the full filesystem, or succeeds (a sandbox needs almost no blocks); never leaks.
+        let host_fill = inst.join("host-fill");
+        fill(&host_fill, 32 << 20);
         let r = bw.d.post("/v1/instances", json!({"workload_class": CLASS}));
+        std::fs::remove_file(&host_fill).unwrap();
         eprintln!("create on a full disk: {} {}", r.status, r.text());
         if r.status != 201 {
             let e = expect_error(&r, 503, Some("spawn_failed"));

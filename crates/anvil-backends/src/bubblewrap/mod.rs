@@ -261,6 +261,8 @@ impl BubblewrapBackend {
         err: BackendError,
     ) -> BackendError {
         let console = layout::tail(&data.console_log(), 2048);
+        // A full filesystem leaves the console empty too: say so, or the error names nothing.
+        let space = full_filesystem_note(&data.instance_dir);
         if let Err(e) = self.teardown(data, pid, start_time).await {
             tracing::error!(instance = %data.instance_dir.display(), error = %e, "cleanup after failed {what} incomplete");
         }
@@ -268,7 +270,7 @@ impl BubblewrapBackend {
             BackendError::Spawn(s) => s,
             other => other.to_string(),
         };
-        BackendError::Spawn(format!("{what}: {reason}; console: {console}"))
+        BackendError::Spawn(format!("{what}: {reason}; console: {console}{space}"))
     }
 
     async fn create_from(
@@ -599,6 +601,25 @@ impl Backend for BubblewrapBackend {
             .map_err(|e| BackendError::Other(format!("cgroup {}: {e}", spec.cgroup_name)))?;
         let data = BwrapData::new(&spec.instance_dir, cgroup);
         self.teardown(&data, None, None).await
+    }
+}
+
+/// "; No space left on device: …" when the filesystem holding `dir` has (almost) no room.
+fn full_filesystem_note(dir: &Path) -> String {
+    const LOW: u64 = 1 << 20;
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(st) => {
+            let free = st.blocks_available() * st.fragment_size();
+            if free < LOW {
+                format!(
+                    "; No space left on device: the filesystem of {} has {free} bytes free",
+                    dir.display()
+                )
+            } else {
+                String::new()
+            }
+        }
+        Err(_) => String::new(),
     }
 }
 
