@@ -4,7 +4,9 @@ use anvil::model::*;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&which, body)) = data.split_first() else { return };
+    let Some((&which, body)) = data.split_first() else {
+        return;
+    };
     match which % 8 {
         0 => drop(serde_json::from_slice::<CreateRequest>(body)),
         1 => drop(serde_json::from_slice::<ExecRequest>(body)),
