@@ -1,5 +1,6 @@
-//! The mock backend (tests only; used only when `[backends].mock` is configured) and the
-//! placeholder for kinds without an implementation.
+//! The mock backend (tests only; used only when `[backends].mock` is configured), and
+//! `Unimplemented`: the backend of a kind this build cannot run, which probes unavailable
+//! with the reason so the selector skips it.
 //!
 //! A mock sandbox is real on disk, not a state flip: it is a directory under the instance dir
 //! whose `fs/` holds the sandbox's files (served by the files API), with a `state.json` marking

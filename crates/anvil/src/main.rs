@@ -82,6 +82,14 @@ fn init_logging(level: &str, format: LogFormat) {
     }
 }
 
+/// Loads the config, or says why not (file and key) and gives the exit code 2.
+fn config_or_exit(path: &std::path::Path) -> Result<anvil_core::config::Config, ExitCode> {
+    load_config(path).map_err(|e| {
+        eprintln!("anvil: {e}");
+        ExitCode::from(2)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -102,12 +110,9 @@ fn main() -> ExitCode {
         Cmd::Daemon {
             cmd: DaemonCmd::Start { config },
         } => {
-            let cfg = match load_config(&config) {
+            let cfg = match config_or_exit(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("anvil: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             init_logging(cfg.daemon.log_level.as_str(), cfg.daemon.log_format);
             tracing::info!(config = %config.display(), version = env!("CARGO_PKG_VERSION"), "starting anvil");
@@ -123,12 +128,9 @@ fn main() -> ExitCode {
         Cmd::Daemon {
             cmd: DaemonCmd::Reload { config },
         } => {
-            let cfg = match load_config(&config) {
+            let cfg = match config_or_exit(&config) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("anvil: {e}");
-                    return ExitCode::from(2);
-                }
+                Err(code) => return code,
             };
             match rt.block_on(anvil::client::request(
                 &cfg.daemon.socket,

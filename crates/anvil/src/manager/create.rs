@@ -611,14 +611,14 @@ impl Manager {
             slot: slot.clone(),
             handle: Some(tokio::spawn(async move {
                 let _restoring = restore_from.as_deref().map(|ck| RestoreGuard::new(&me, ck));
-                let instance = me.spawn_into(&task_slot, SandboxState::Running).await?;
+                me.spawn_into(&task_slot, SandboxState::Running).await?;
                 if let Err(e) = me.run_hooks(&task_slot, &hooks).await {
                     let _ = me
                         .destroy_slot(&task_slot, TerminationReason::SpawnFailed, None)
                         .await;
                     return Err(e);
                 }
-                Ok(me.slot_instance(&task_slot).await.unwrap_or(instance))
+                Ok(me.slot_instance(&task_slot).await)
             })),
         };
         let joined = match work.handle.as_mut() {
@@ -638,8 +638,9 @@ impl Manager {
         ))
     }
 
-    pub(crate) async fn slot_instance(&self, slot: &Arc<Slot>) -> Option<Instance> {
-        Some(slot.rec.lock().await.instance.clone())
+    /// The instance as it stands after any hooks have run.
+    pub(crate) async fn slot_instance(&self, slot: &Arc<Slot>) -> Instance {
+        slot.rec.lock().await.instance.clone()
     }
 
     /// Spawns the sandbox of a pending record in `slot` and moves it to `target` (running or
