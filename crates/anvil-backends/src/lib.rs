@@ -16,6 +16,7 @@ pub mod mount;
 pub mod procfs;
 pub mod registry;
 pub mod spec;
+pub mod steps;
 
 pub use spec::*;
 

@@ -360,6 +360,33 @@ async fn suite(
                             Err(e) => fail(report, &format!("anvil.warm.{suffix}"), e),
                         }
                     }
+                    // Reset in place on the pooled class, paced at 40/s (a refill keeps up).
+                    let _ = scenarios::enable_pool(&t, None, target, Duration::from_secs(30)).await;
+                    eprintln!("bench: reset on a pooled class");
+                    match scenarios::pooled_reset(&t, p.budget(), Duration::from_millis(25)).await {
+                        Ok(r) => {
+                            let base = "anvil.reset.overlayfs-rollback.pooled";
+                            let mut counts = Vec::new();
+                            for (series, key) in [
+                                ("reset", base.to_string()),
+                                ("swap", format!("{base}.swap")),
+                                ("in_place", format!("{base}.in_place")),
+                            ] {
+                                match r.summary(series, &key) {
+                                    Ok(sum) => {
+                                        counts.push(format!("{series} {}", sum.n));
+                                        report.add(&key, sum);
+                                    }
+                                    Err(_) => counts.push(format!("{series} 0")),
+                                }
+                            }
+                            report.note(format!(
+                                "pooled resets (one per 25 ms): {}",
+                                counts.join(", ")
+                            ));
+                        }
+                        Err(e) => fail(report, "anvil.reset.overlayfs-rollback.pooled", e),
+                    }
                     if let Err(e) = scenarios::drain_pool(&t).await {
                         fail(report, "anvil.warm.drain", e);
                     }

@@ -62,18 +62,22 @@ pub async fn destroy(c: &mut Client, id: &str) -> Result<()> {
 
 /// Resets `id`; returns the mode the daemon reports and whether it went back to its pool.
 pub async fn reset(c: &mut Client, id: &str, return_to_pool: bool) -> Result<(String, bool)> {
-    let v = c
-        .post(
-            &format!("/v1/instances/{id}/reset"),
-            &json!({ "return_to_pool": return_to_pool }),
-        )
-        .await?
-        .expect(&format!("reset {id}"), &[200])?
-        .json()?;
+    let v = reset_answer(c, id, return_to_pool).await?;
     Ok((
         v["mode"].as_str().unwrap_or("").to_string(),
         v["returned_to_pool"].as_bool().unwrap_or(false),
     ))
+}
+
+/// The whole answer of `POST /v1/instances/{id}/reset`.
+async fn reset_answer(c: &mut Client, id: &str, return_to_pool: bool) -> Result<serde_json::Value> {
+    c.post(
+        &format!("/v1/instances/{id}/reset"),
+        &json!({ "return_to_pool": return_to_pool }),
+    )
+    .await?
+    .expect(&format!("reset {id}"), &[200])?
+    .json()
 }
 
 /// (1) cold create → exec `true` → destroy. Series: total, create, exec, destroy.
@@ -349,6 +353,38 @@ pub async fn reset_loop(t: &Target, class: &'static str, budget: Budget) -> Resu
         s.push("reset", t0.elapsed());
         if mode != want {
             return Err(Error(format!("reset of {class} used `{mode}`, not {want}")));
+        }
+        Ok((c, s))
+    })
+    .await
+}
+
+/// (5b) reset in place on the pooled class, one every `period`: the daemon hands over a warm
+/// twin's fresh sandbox when its pool has one, else resets in place. Series: reset (all),
+/// swap (served from the pool), in_place.
+pub async fn pooled_reset(t: &Target, budget: Budget, period: Duration) -> Result<Run> {
+    on_sandbox(t, CLASS_WARM, 1, budget, move |mut c, id| async move {
+        let mut s = Series::default();
+        let t0 = Instant::now();
+        let v = reset_answer(&mut c, &id, false).await?;
+        let took = t0.elapsed();
+        if v["mode"] != "overlayfs-rollback" {
+            return Err(Error(format!(
+                "pooled reset used {}, not overlayfs-rollback",
+                v["mode"]
+            )));
+        }
+        s.push("reset", took);
+        s.push(
+            if v["from_pool"] == true {
+                "swap"
+            } else {
+                "in_place"
+            },
+            took,
+        );
+        if let Some(rest) = period.checked_sub(took) {
+            tokio::time::sleep(rest).await;
         }
         Ok((c, s))
     })

@@ -395,6 +395,10 @@ pub struct CgroupSection {
     /// Cgroup name under each hierarchy (relative, e.g. `anvil` or `system.slice/anvil`).
     pub root: String,
     pub mode: CgroupMode,
+    /// Remount the cgroup2 hierarchy with `favordynmods` at start (Linux >= 6.0), so moving
+    /// a sandbox's first process into its cgroup does not wait for an RCU grace period
+    /// (5-20 ms per start otherwise). Host-wide and sticky; see docs/operations.md.
+    pub favor_dynmods: bool,
 }
 
 impl Default for CgroupSection {
@@ -402,6 +406,7 @@ impl Default for CgroupSection {
         CgroupSection {
             root: "anvil".to_string(),
             mode: CgroupMode::Auto,
+            favor_dynmods: true,
         }
     }
 }

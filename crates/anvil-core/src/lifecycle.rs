@@ -139,10 +139,13 @@ pub enum TerminationReason {
     Evicted,
     LostOnRestart,
     Shutdown,
+    /// A warm instance whose fresh sandbox was handed to another instance's reset; its
+    /// record then carried that instance's previous sandbox to destruction.
+    Recycled,
 }
 
 impl TerminationReason {
-    pub const ALL: [TerminationReason; 9] = [
+    pub const ALL: [TerminationReason; 10] = [
         TerminationReason::Requested,
         TerminationReason::TtlExpired,
         TerminationReason::Exited,
@@ -152,6 +155,7 @@ impl TerminationReason {
         TerminationReason::Evicted,
         TerminationReason::LostOnRestart,
         TerminationReason::Shutdown,
+        TerminationReason::Recycled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -165,6 +169,7 @@ impl TerminationReason {
             TerminationReason::Evicted => "evicted",
             TerminationReason::LostOnRestart => "lost-on-restart",
             TerminationReason::Shutdown => "shutdown",
+            TerminationReason::Recycled => "recycled",
         }
     }
 }

@@ -250,6 +250,15 @@ impl PoolBook {
         }
     }
 
+    /// Takes the oldest warm instance for a reset (its fresh sandbox replaces a used one).
+    /// A hit when there is one; an empty pool is not a miss: the reset then runs in place,
+    /// nothing had to start cold.
+    pub fn take_for_reset(&mut self) -> Option<String> {
+        let w = self.warm.pop_front()?;
+        self.hits += 1;
+        Some(w.id)
+    }
+
     /// Takes the oldest warm instance accepted by `pred` (e.g. one whose process is still
     /// alive), counting a hit or miss like `claim`.
     pub fn claim_where(&mut self, pred: &dyn Fn(&str) -> bool) -> Option<String> {

@@ -337,6 +337,15 @@ fn cgroups(r: &mut Report, cfg: &Config) {
         Status::Ok,
         format!("{host}: {}", parts.join(", ")),
     );
+    if let Some(u) = &layout.unified {
+        let on = anvil_backends::cgroup::dynmods::is_on(u).unwrap_or(false);
+        let (status, text) = match (on, cfg.cgroup.favor_dynmods) {
+            (true, _) => (Status::Ok, "on: cgroup migrations do not wait for RCU".to_string()),
+            (false, true) => (Status::Info, "off now; the daemon remounts cgroup2 with it at start ([cgroup].favor_dynmods)".to_string()),
+            (false, false) => (Status::Warn, "off and [cgroup].favor_dynmods = false: every sandbox start may wait 5-20 ms for an RCU grace period".to_string()),
+        };
+        r.add("cgroup favordynmods", status, text);
+    }
     let wanted = cfg.cgroup.mode.as_str();
     let fits = match wanted {
         "v1" => matches!(host, "v1" | "hybrid"),

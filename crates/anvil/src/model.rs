@@ -209,6 +209,9 @@ pub struct ResetResponse {
     pub mode: ResetMode,
     pub duration_ms: u64,
     pub returned_to_pool: bool,
+    /// The fresh sandbox came from a warm instance of the same pool (the used one is
+    /// destroyed in the background); false: it was reset in place.
+    pub from_pool: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -137,6 +137,27 @@ impl Store {
         self.put(INSTANCES, "instances", &rec.instance.id, rec)
     }
 
+    /// Writes several instance records in one transaction (a reset that swaps runtimes
+    /// between two instances must never be stored half-done).
+    pub fn put_instances(&self, recs: &[&InstanceRecord]) -> Result<(), StoreError> {
+        let mut encoded = Vec::with_capacity(recs.len());
+        for rec in recs {
+            let bytes = serde_json::to_vec(rec).map_err(|source| StoreError::Encode {
+                table: "instances",
+                key: rec.instance.id.clone(),
+                source,
+            })?;
+            encoded.push((rec.instance.id.as_str(), bytes));
+        }
+        self.write(|txn| {
+            let mut t = txn.open_table(INSTANCES)?;
+            for (id, bytes) in &encoded {
+                t.insert(*id, bytes.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
     /// Replaces the record stored under `old_id` by `rec` (a warm instance claimed under a
     /// client-chosen id) in one transaction.
     pub fn rename_instance(&self, old_id: &str, rec: &InstanceRecord) -> Result<(), StoreError> {

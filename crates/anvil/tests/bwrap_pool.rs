@@ -195,3 +195,67 @@ fn reset_returns_a_claimed_sandbox_to_its_pool() {
     }
     bw.finish();
 }
+
+/// A reset in place on a class with a warm pool takes over a warm twin's fresh sandbox and
+/// retires the used one in the background; with the pool empty it resets in place.
+#[test]
+fn reset_in_place_takes_over_a_warm_sandbox_and_retires_the_used_one() {
+    let class = "bw-pool-swap";
+    let Some(bw) = Bw::start(vec![("p.toml", pool_policy(class, 0, 1, 2))]) else {
+        return;
+    };
+    wait_warm(&bw, class, 1, Duration::from_secs(30));
+    let id = bw.create(class);
+    wait_warm(&bw, class, 1, Duration::from_secs(30));
+    let twin = warm_ids(&bw).into_iter().next().unwrap();
+    assert_eq!(bw.put_file(&id, "/root/used", b"by a client").status, 200);
+    bw.sh(&id, "sleep 1000 >/dev/null 2>&1 &");
+    let used = bw.footprint(&id);
+
+    let r = bw.d.post(
+        &format!("/v1/instances/{id}/reset"),
+        json!({"return_to_pool": false}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["from_pool"], true, "{v}");
+    assert_eq!(v["returned_to_pool"], false, "{v}");
+    assert_eq!(v["mode"], "overlayfs-rollback", "{v}");
+    assert_eq!(v["instance"]["state"], "running", "{v}");
+    assert_eq!(v["instance"]["id"], id.as_str(), "{v}");
+    assert_eq!(v["instance"]["reset_count"], 1, "{v}");
+
+    // Same id, clean filesystem, a working agent: now in the twin's sandbox.
+    assert_eq!(bw.get_file(&id, "/root/used").status, 404);
+    assert_eq!(bw.sh(&id, "echo fresh"), "fresh\n");
+    let now = bw.footprint(&twin);
+    assert!(now.procs.len() >= 2, "{:?}", now.procs);
+
+    // The used sandbox (its processes, the background sleep, cgroup, overlay, directory)
+    // is destroyed in the background under the twin's record.
+    wait_until(
+        "the used sandbox to be gone",
+        Duration::from_secs(20),
+        || bw.instance(&twin)["state"] == "destroyed",
+    );
+    let t = bw.instance(&twin);
+    assert_eq!(t["termination_reason"], "recycled", "{t}");
+    bw.assert_gone(&used);
+
+    // The pool refills; then, drained, a reset happens in place and works too.
+    wait_warm(&bw, class, 1, Duration::from_secs(30));
+    let r =
+        bw.d.post(&format!("/v1/pools/bubblewrap/{class}/drain"), json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(bw.put_file(&id, "/root/again", b"x").status, 200);
+    let r = bw.d.post(&format!("/v1/instances/{id}/reset"), json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["from_pool"], false, "{}", r.text());
+    assert_eq!(bw.get_file(&id, "/root/again").status, 404);
+    assert_eq!(bw.sh(&id, "echo in-place"), "in-place\n");
+
+    let fp = bw.footprint(&twin);
+    assert_eq!(bw.d.delete(&format!("/v1/instances/{id}")).status, 200);
+    bw.assert_gone(&fp);
+    bw.finish();
+}

@@ -312,18 +312,19 @@ fn creates_cut_by_the_request_timeout_leave_nothing_behind() {
                 "[pool]\nenabled = false\nreset_mode = \"overlayfs-rollback\"\n",
             ),
         )],
-        "[limits]\nrequest_timeout = \"1s\"\nmax_concurrent_creates = 1\n",
+        "[limits]\nrequest_timeout = \"250ms\"\nmax_concurrent_creates = 1\n",
     ) else {
         return;
     };
-    let answers = storm(&bw.d, "rel", 40);
+    // 120 creates of a few ms each, one at a time, cannot all finish within 250 ms.
+    let answers = storm(&bw.d, "rel", 120);
     let created = answers.iter().filter(|a| a.0 == 201).count();
     let timed_out = answers
         .iter()
         .filter(|a| a.0 == 503 && a.2["code"] == "request_timeout")
         .count();
-    eprintln!("40 creates, 1 at a time, 1 s timeout: {created} created, {timed_out} timed out");
-    assert_eq!(created + timed_out, 40, "{answers:?}");
+    eprintln!("120 creates, 1 at a time, 250 ms timeout: {created} created, {timed_out} timed out");
+    assert_eq!(created + timed_out, 120, "{answers:?}");
     assert!(
         timed_out > 0,
         "no create timed out; the test proves nothing"

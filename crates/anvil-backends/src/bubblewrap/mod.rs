@@ -15,6 +15,7 @@ pub use layout::BwrapData;
 use crate::agent::{AgentClient, AgentEndpoint};
 use crate::cgroup::{CgroupConfig, CgroupManager};
 use crate::mount;
+use crate::steps::Steps;
 use crate::{Backend, BackendError, CheckpointOutcome, ExitCause, InstanceSpec, Probe, Runtime};
 use anvil_core::backend::{BackendKind, Capabilities, CheckpointKind, ResetMode};
 use async_trait::async_trait;
@@ -245,9 +246,10 @@ impl BubblewrapBackend {
         &self,
         mut data: BwrapData,
         spec: &InstanceSpec,
+        steps: &mut Steps,
     ) -> Result<Runtime, BackendError> {
         data.oom_base = data.cgroup.oom_kills().unwrap_or(0);
-        let (pid, start_time) = spawn::spawn_and_wait(&self.cfg, &data, spec).await?;
+        let (pid, start_time) = spawn::spawn_and_wait(&self.cfg, &data, spec, steps).await?;
         Self::runtime(&data, pid, start_time)
     }
 
@@ -292,22 +294,25 @@ impl BubblewrapBackend {
                 layout::MAX_SOCKET_PATH
             )));
         }
+        let mut steps = Steps::start();
         let result = async {
             self.prepare_fs(&data, spec, from).await?;
+            steps.mark("overlay");
             let (name, quota) = (spec.cgroup_name.clone(), spec.quota.clone());
             let cgroup = blocking(move || {
                 mgr.create(&name, &quota)
                     .map_err(|e| BackendError::Other(format!("create cgroup: {e}")))
             })
             .await?;
+            steps.mark("cgroup");
             let mut data = data.clone();
             data.cgroup = cgroup;
-            self.start(data, spec).await
+            self.start(data, spec, &mut steps).await
         }
         .await;
         match result {
             Ok(rt) => {
-                tracing::info!(id = %spec.id, pid = ?rt.pid, took_ms = started.elapsed().as_millis() as u64, "bwrap sandbox ready");
+                tracing::info!(id = %spec.id, pid = ?rt.pid, took_ms = started.elapsed().as_millis() as u64, %steps, "bwrap sandbox ready");
                 Ok(rt)
             }
             Err(e) => Err(self.fail(&data, None, None, "create", e).await),
@@ -323,21 +328,25 @@ impl BubblewrapBackend {
     ) -> Result<Runtime, BackendError> {
         let started = Instant::now();
         let data = Self::data(rt)?;
+        let mut steps = Steps::start();
         let result = async {
             self.stop_processes(&data, rt.pid, rt.pid_start_time)
                 .await?;
+            steps.mark("kill");
             let d = data.clone();
             blocking(move || {
                 mount::unmount(&d.rootfs).map_err(|e| BackendError::Other(e.to_string()))
             })
             .await?;
+            steps.mark("unmount");
             self.prepare_fs(&data, spec, from).await?;
-            self.start(data.clone(), spec).await
+            steps.mark("overlay");
+            self.start(data.clone(), spec, &mut steps).await
         }
         .await;
         match result {
             Ok(new_rt) => {
-                tracing::info!(id = %spec.id, took_ms = started.elapsed().as_millis() as u64, "bwrap sandbox restarted");
+                tracing::info!(id = %spec.id, took_ms = started.elapsed().as_millis() as u64, %steps, "bwrap sandbox restarted");
                 Ok(new_rt)
             }
             // The old process is gone by now (or is being killed again by teardown).

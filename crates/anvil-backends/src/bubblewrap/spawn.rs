@@ -5,6 +5,7 @@ use super::process::Pidfd;
 use super::BwrapConfig;
 use crate::agent::ReadyListener;
 use crate::cgroup::join_cgroup_raw;
+use crate::steps::Steps;
 use crate::{BackendError, InstanceSpec};
 use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
@@ -73,6 +74,7 @@ pub async fn spawn_and_wait(
     cfg: &BwrapConfig,
     data: &BwrapData,
     spec: &InstanceSpec,
+    steps: &mut Steps,
 ) -> Result<(i32, Option<u64>), BackendError> {
     let args = bwrap_args(cfg, data, spec)?;
     // Stale sockets from a previous run of this instance (reset) would confuse clients.
@@ -128,12 +130,14 @@ pub async fn spawn_and_wait(
         }
     };
 
+    steps.mark("spawn");
     let outcome = tokio::select! {
         r = ready.wait(cfg.ready_timeout) => r.map_err(BackendError::from),
         _ = pidfd.exited() => Err(BackendError::Spawn("bwrap exited before the agent was ready".into())),
     };
     match outcome {
         Ok(info) => {
+            steps.mark("agent_ready");
             tracing::debug!(pid, ?info, "agent ready");
             Ok((pid, start_time))
         }

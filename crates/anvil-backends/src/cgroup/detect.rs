@@ -127,6 +127,8 @@ fn classify(
 /// One parsed mountinfo line (only what we need).
 pub(crate) struct MountLine<'a> {
     pub mount_point: PathBuf,
+    /// Per-mount options (`rw,nosuid,nodev,noexec,relatime`).
+    pub mount_opts: &'a str,
     pub fstype: &'a str,
     pub super_opts: &'a str,
 }
@@ -134,13 +136,16 @@ pub(crate) struct MountLine<'a> {
 /// Parses `id parent maj:min root mount_point opts [optional...] - fstype source super_opts`.
 pub(crate) fn parse_line(line: &str) -> Option<MountLine<'_>> {
     let (pre, post) = line.split_once(" - ")?;
-    let mount_point = unescape(pre.split(' ').nth(4)?);
+    let mut pre = pre.split(' ');
+    let mount_point = unescape(pre.nth(4)?);
+    let mount_opts = pre.next()?;
     let mut post = post.split(' ');
     let fstype = post.next()?;
     let _source = post.next()?;
     let super_opts = post.next().unwrap_or("");
     Some(MountLine {
         mount_point: PathBuf::from(mount_point),
+        mount_opts,
         fstype,
         super_opts,
     })

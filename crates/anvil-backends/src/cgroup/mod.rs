@@ -11,6 +11,7 @@
 //! (freeze, kill_all, remove) in `spawn_blocking`.
 
 pub mod detect;
+pub mod dynmods;
 mod ops;
 
 pub use detect::Layout;

@@ -222,18 +222,6 @@ impl FcApi {
             .await
     }
 
-    pub async fn put_logger(&self, path: &Path, level: &str) -> Result<(), ApiError> {
-        self.put(
-            "/logger",
-            json!({ "log_path": path, "level": level, "show_level": true }),
-        )
-        .await
-    }
-
-    pub async fn put_metrics(&self, path: &Path) -> Result<(), ApiError> {
-        self.put("/metrics", json!({ "metrics_path": path })).await
-    }
-
     pub async fn instance_start(&self) -> Result<(), ApiError> {
         self.put("/actions", json!({ "action_type": "InstanceStart" }))
             .await

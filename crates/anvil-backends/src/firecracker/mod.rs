@@ -20,6 +20,7 @@ mod watch;
 use crate::agent::{AgentClient, AgentEndpoint, ReadyListener};
 use crate::cgroup::{Cgroup, CgroupConfig, CgroupManager};
 use crate::spec::{InstanceSpec, TemplateFiles, VmSpec};
+use crate::steps::Steps;
 use crate::{Backend, BackendError, CheckpointOutcome, ExitCause, Probe, Runtime};
 use anvil_core::backend::{BackendKind, Capabilities, CheckpointKind, ResetMode};
 use api::{ApiError, FcApi, VmState};
@@ -346,12 +347,15 @@ impl FirecrackerBackend {
         };
         // From here on, `fail` undoes whatever exists (missing pieces are skipped).
         let mut pid = None;
+        let mut steps = Steps::start();
         let res = self
-            .launch_inner(spec, &vm, source, &vm_dir, &vmm_id, &mut fc, &mut pid)
+            .launch_inner(
+                spec, &vm, source, &vm_dir, &vmm_id, &mut fc, &mut pid, &mut steps,
+            )
             .await;
         match res {
             Ok((p, start)) => {
-                tracing::info!(id = %spec.id, pid = p, path = ?fc.start_path, ms = t0.elapsed().as_millis() as u64, "firecracker VM ready");
+                tracing::info!(id = %spec.id, pid = p, path = ?fc.start_path, ms = t0.elapsed().as_millis() as u64, %steps, "firecracker VM ready");
                 Self::to_runtime(p, start, &fc)
             }
             Err(e) => {
@@ -387,6 +391,7 @@ impl FirecrackerBackend {
         vmm_id: &str,
         fc: &mut FcRuntime,
         pid_out: &mut Option<(i32, Option<u64>)>,
+        steps: &mut Steps,
     ) -> Result<(i32, u64), BackendError> {
         let io = |what: String| move |e| BackendError::io(what, e);
         let probe = &self.probe_for(&spec.template);
@@ -465,6 +470,7 @@ impl FirecrackerBackend {
             }
         }
 
+        steps.mark("files");
         let cgroup = match &self.cgroups {
             Some(m) => {
                 let cg = m.create(&spec.cgroup_name, &spec.quota).map_err(|e| {
@@ -505,6 +511,7 @@ impl FirecrackerBackend {
             _ => None,
         };
 
+        steps.mark("cgroup");
         let jailer = match (self.cfg.use_jailer, &self.cfg.jailer) {
             (true, Some(j)) => Some((
                 j.as_path(),
@@ -522,6 +529,7 @@ impl FirecrackerBackend {
             jailer,
             console,
             cgroup: procs.as_ref(),
+            log_level: &self.cfg.log_level,
         })
         .map_err(|e| {
             BackendError::Spawn(format!("start {}: {e}", self.cfg.firecracker.display()))
@@ -536,6 +544,7 @@ impl FirecrackerBackend {
             ))
         })?;
         let pidfd = PidFd::open(pid).map_err(io(format!("pidfd of firecracker pid {pid}")))?;
+        steps.mark("spawn");
 
         // The API socket appears in the VM directory: wait for it by inotify, then for the
         // listen(2) that follows bind(2) with a short bounded connect retry.
@@ -546,17 +555,13 @@ impl FirecrackerBackend {
         })
         .await
         .map_err(|e| self.wait_error(fc, "API socket", e))?;
+        steps.mark("api_bound");
         watch::connect_retry(&sock, Duration::from_secs(1))
             .await
             .map_err(|e| self.wait_error(fc, "API socket to accept", WaitError::Io(e)))?;
+        steps.mark("api_socket");
 
         let api_err = |e: ApiError| BackendError::Spawn(e.to_string());
-        api.put_logger(&vm_dir.vmm(layout::FC_LOG), &self.cfg.log_level)
-            .await
-            .map_err(api_err)?;
-        api.put_metrics(&vm_dir.vmm(layout::METRICS))
-            .await
-            .map_err(api_err)?;
         match source {
             Source::Boot(t) => {
                 let files = boot_files.unwrap_or_default();
@@ -614,13 +619,8 @@ impl FirecrackerBackend {
                 api.snapshot_load(&vmstate, &mem, true)
                     .await
                     .map_err(api_err)?;
-                let info = api.instance_info().await.map_err(api_err)?;
-                if info.state != "Running" {
-                    return Err(BackendError::Spawn(format!(
-                        "restored VM is `{}`, not running",
-                        info.state
-                    )));
-                }
+                // `resume_vm: true` answered 204: Firecracker has resumed the vCPUs.
+                steps.mark("snapshot_load");
                 if let (ReadyProbe::Agent, Some(uds)) = (probe, &fc.vsock_uds) {
                     let ep = AgentEndpoint::Vsock {
                         uds: uds.clone(),

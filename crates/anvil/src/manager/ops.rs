@@ -3,6 +3,7 @@
 
 use super::{Manager, OpError, RestoreGuard, Slot};
 use crate::metrics::{BackendLabels, ModeLabels};
+use crate::model::InstanceRecord;
 use crate::model::{
     now_ms, rfc3339, Checkpoint, CheckpointRecord, CheckpointResponse, ExecRequest, ExecResponse,
     Instance, ResetResponse,
@@ -10,9 +11,10 @@ use crate::model::{
 use anvil_backends::agent::{AgentClient, ExecEvent, ExecStream};
 use anvil_core::backend::BackendKind;
 use anvil_core::lifecycle::{SandboxState, TerminationReason};
+use anvil_core::pool::PoolKey;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::info;
+use tracing::{info, warn};
 
 /// Largest output a non-streaming exec returns per stream; beyond it the output is cut and
 /// the caller is told to stream instead.
@@ -133,6 +135,11 @@ impl Manager {
     }
 
     /// Resets with the instance's effective reset mode; optionally returns it to its pool.
+    ///
+    /// A reset in place whose class has a warm pool takes over a warm instance's fresh
+    /// sandbox (started from the same template by the same policy, i.e. exactly what the
+    /// reset would produce) and retires the used one in the background: the caller waits for
+    /// a store commit instead of a kill + respawn. Without a warm twin it resets in place.
     pub async fn reset(
         self: &Arc<Self>,
         id: &str,
@@ -164,30 +171,113 @@ impl Manager {
             .runtime
             .clone()
             .ok_or_else(|| OpError::conflict(id, "instance has no runtime"))?;
-        Self::transition(&mut rec, SandboxState::Reset)?;
-        self.persist(&rec)?;
-        slot.stop_supervisor();
         let t0 = Instant::now();
-        let mut spec = rec.spec.clone();
-        spec.from_checkpoint = None;
-        let reset = backend.reset(&rt, &spec, mode).await;
-        let new_rt = match reset {
-            Ok(r) => r,
-            Err(e) => {
-                // The sandbox is in an unknown state: it must not serve again.
-                drop(rec);
-                let err = OpError::backend(id, "reset", e);
-                let _ = self
-                    .destroy_slot(&slot, TerminationReason::Exited, None)
-                    .await;
-                return Err(err);
+        let to_pool = return_to_pool
+            && rec
+                .instance
+                .pool
+                .as_ref()
+                .is_some_and(|k| self.pools.has_room(k));
+        // Returning to the pool through a swap would only move a warm sandbox around.
+        let twin_slot = if to_pool {
+            None
+        } else {
+            self.take_warm_twin(&rec).await
+        };
+        let twin = match &twin_slot {
+            Some(ws) => {
+                let w = ws.rec.lock().await;
+                // Re-checked under the lock: it may have died since it was looked at.
+                (w.instance.state == SandboxState::Warm && w.runtime.is_some()).then_some((ws, w))
+            }
+            None => None,
+        };
+        let from_pool = twin.is_some();
+        let retired = match twin {
+            Some((wslot, mut w)) => {
+                // The used sandbox goes to the twin's record, which is destroyed next; the
+                // twin's fresh sandbox (and its directory and cgroup) become this instance's.
+                slot.stop_supervisor();
+                wslot.stop_supervisor();
+                let fresh_rt = w.runtime.take();
+                let fresh_spec = w.spec.clone();
+                w.runtime = rec.runtime.take();
+                w.spec = std::mem::replace(&mut rec.spec, fresh_spec);
+                // Not a lifecycle transition of a client's instance: the record is only the
+                // carrier of a sandbox being torn down, and `reset` is what recovery
+                // destroys if the daemon dies before that is done.
+                w.instance.state = SandboxState::Reset;
+                w.instance.updated_at = rfc3339(now_ms());
+                rec.runtime = fresh_rt;
+                Some((wslot, w))
+            }
+            None => {
+                Self::transition(&mut rec, SandboxState::Reset)?;
+                self.persist(&rec)?;
+                slot.stop_supervisor();
+                let mut spec = rec.spec.clone();
+                spec.from_checkpoint = None;
+                match backend.reset(&rt, &spec, mode).await {
+                    Ok(r) => {
+                        rec.runtime = Some(r);
+                        rec.spec = spec;
+                    }
+                    Err(e) => {
+                        // The sandbox is in an unknown state: it must not serve again.
+                        drop(rec);
+                        let err = OpError::backend(id, "reset", e);
+                        let _ = self
+                            .destroy_slot(&slot, TerminationReason::Exited, None)
+                            .await;
+                        return Err(err);
+                    }
+                }
+                None
             }
         };
-        rec.runtime = Some(new_rt.clone());
-        rec.spec = spec;
+        let new_rt = rec
+            .runtime
+            .clone()
+            .ok_or_else(|| OpError::internal("reset left no runtime"))?;
         rec.instance.reset_count += 1;
         rec.instance.from_checkpoint = None;
         rec.head_checkpoint = None;
+        if to_pool {
+            Self::transition(&mut rec, SandboxState::Warm)?;
+            rec.warm_since_ms = Some(now_ms());
+            rec.expires_at_ms = None;
+            rec.instance.expires_at = None;
+            rec.instance.ttl_secs = None;
+            rec.instance.labels.clear();
+            rec.env.clear();
+            rec.request_fingerprint = None;
+        } else if rec.instance.state == SandboxState::Reset {
+            Self::transition(&mut rec, SandboxState::Running)?;
+        } else {
+            rec.instance.updated_at = rfc3339(now_ms());
+        }
+        match &retired {
+            Some((_, w)) => self
+                .store
+                .put_instances(&[&*rec, &**w])
+                .map_err(OpError::internal)?,
+            None => self.persist(&rec)?,
+        }
+        self.supervise(&slot, new_rt);
+        if let Some((wslot, w)) = retired {
+            let (wid, me, wslot) = (w.instance.id.clone(), self.clone(), wslot.clone());
+            drop(w);
+            info!(instance_id = %id, warm_id = %wid, "reset took over a warm sandbox; retiring the used one");
+            tokio::spawn(async move {
+                if let Err(e) = me
+                    .destroy_slot(&wslot, TerminationReason::Recycled, None)
+                    .await
+                {
+                    warn!(instance_id = %wid, error = %e, "retiring a used sandbox after a reset failed");
+                }
+            });
+            self.wake_pools.notify_one();
+        }
         let elapsed = t0.elapsed();
         let labels = ModeLabels {
             backend: rec.instance.backend.to_string(),
@@ -201,27 +291,6 @@ impl Manager {
             .reset_duration
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
-        let to_pool = return_to_pool && rec.instance.pool.is_some();
-        let to_pool = to_pool
-            && rec
-                .instance
-                .pool
-                .as_ref()
-                .is_some_and(|k| self.pools.has_room(k));
-        if to_pool {
-            Self::transition(&mut rec, SandboxState::Warm)?;
-            rec.warm_since_ms = Some(now_ms());
-            rec.expires_at_ms = None;
-            rec.instance.expires_at = None;
-            rec.instance.ttl_secs = None;
-            rec.instance.labels.clear();
-            rec.env.clear();
-            rec.request_fingerprint = None;
-        } else {
-            Self::transition(&mut rec, SandboxState::Running)?;
-        }
-        self.persist(&rec)?;
-        self.supervise(&slot, new_rt);
         if to_pool {
             if let Some(key) = rec.instance.pool.clone() {
                 self.pools.add_warm(&key, id, now_ms());
@@ -235,13 +304,43 @@ impl Manager {
                 self.run_hooks(&slot, &p.hooks.on_reset.sequence).await?;
             }
         }
-        info!(instance_id = %id, mode = %mode, ms = elapsed.as_millis() as u64, to_pool, "instance reset");
+        info!(instance_id = %id, mode = %mode, ms = elapsed.as_millis() as u64, to_pool, from_pool, "instance reset");
         Ok(ResetResponse {
             instance,
             mode,
             duration_ms: elapsed.as_millis() as u64,
             returned_to_pool: to_pool,
+            from_pool,
         })
+    }
+
+    /// Takes a warm instance that is interchangeable with `rec` (same pool key, policy and
+    /// template; `rec` not a fork) out of its pool. A candidate that does not fit goes back.
+    async fn take_warm_twin(&self, rec: &InstanceRecord) -> Option<Arc<Slot>> {
+        let i = &rec.instance;
+        if i.from_checkpoint.is_some() || rec.spec.from_checkpoint.is_some() {
+            return None;
+        }
+        let key = PoolKey {
+            backend: i.backend,
+            workload_class: i.workload_class.clone(),
+            image_digest: i.image_digest.clone(),
+        };
+        let wid = self.pools.take_for_reset(&key)?;
+        let wslot = self.slot(&wid).ok()?;
+        let w = wslot.rec.lock().await;
+        let fits = w.instance.policy == i.policy
+            && w.instance.template == i.template
+            && w.instance.backend == i.backend;
+        if fits {
+            drop(w);
+            return Some(wslot);
+        }
+        if w.instance.state == SandboxState::Warm {
+            self.pools
+                .add_warm(&key, &wid, w.warm_since_ms.unwrap_or_else(now_ms));
+        }
+        None
     }
 
     /// Checkpoints a running or paused instance. With `stop`, hibernates it: the runtime is

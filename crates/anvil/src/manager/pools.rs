@@ -56,6 +56,13 @@ impl Pools {
         self.entries().get_mut(key).and_then(|e| e.book.claim())
     }
 
+    /// Takes the oldest warm instance of `key` for a reset (see `PoolBook::take_for_reset`).
+    pub fn take_for_reset(&self, key: &PoolKey) -> Option<String> {
+        self.entries()
+            .get_mut(key)
+            .and_then(|e| e.book.take_for_reset())
+    }
+
     pub fn is_pooled(&self, key: &PoolKey) -> bool {
         self.entries().contains_key(key)
     }

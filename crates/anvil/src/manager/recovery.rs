@@ -77,6 +77,30 @@ fn check_cgroup_mode(cfg: &Config) -> Result<(), String> {
 }
 
 /// Builds the registry of every configured backend, probed.
+/// `[cgroup].favor_dynmods`: best effort; sandboxes work without it, only slower to start.
+fn favor_dynmods() {
+    use anvil_backends::cgroup::dynmods::{enable, Dynmods};
+    let unified = match anvil_backends::cgroup::detect::from_proc() {
+        Ok(layout) => layout.unified,
+        Err(_) => None,
+    };
+    let Some(mount) = unified else {
+        info!("no cgroup2 mount: favordynmods not applicable (cgroup migrations may wait for an RCU grace period)");
+        return;
+    };
+    match enable(&mount) {
+        Ok(Dynmods::AlreadyOn) => {
+            info!(mount = %mount.display(), "cgroup2 already mounted with favordynmods")
+        }
+        Ok(Dynmods::Enabled) => {
+            info!(mount = %mount.display(), "remounted cgroup2 with favordynmods: moving a sandbox into its cgroup no longer waits for an RCU grace period")
+        }
+        Err(e) => {
+            warn!(mount = %mount.display(), error = %e, "could not enable favordynmods; sandbox starts pay an RCU grace period each (set [cgroup].favor_dynmods = false to silence)")
+        }
+    }
+}
+
 pub async fn build_registry(cfg: &Config) -> Registry {
     let backends = cfg
         .backends
@@ -91,6 +115,9 @@ impl Manager {
     /// store says is alive.
     pub async fn start(cfg: Config, config_path: PathBuf) -> Result<Arc<Manager>, String> {
         check_cgroup_mode(&cfg)?;
+        if cfg.cgroup.favor_dynmods {
+            favor_dynmods();
+        }
         let state_dir = cfg.daemon.state_dir.clone();
         for d in [
             state_dir.clone(),
