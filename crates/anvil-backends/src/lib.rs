@@ -175,6 +175,14 @@ pub trait Backend: Send + Sync + 'static {
         }
     }
 
+    /// The daemon owns this backend from now on (not called by one-shot tools such as
+    /// `doctor`): clean up what a previous daemon left outside any sandbox record and start
+    /// background work. The default has none.
+    async fn activate(&self) {}
+
+    /// The daemon is stopping: release what `activate` started (sandboxes are not touched).
+    async fn deactivate(&self) {}
+
     /// Prepares what a template needs on this backend before it can serve (a VM boot
     /// snapshot), writing into `dir`. Returns the snapshot directory if one was made. The
     /// default has nothing to prepare.

@@ -26,6 +26,8 @@ pub struct BackendSettings {
     pub ready_timeout: Duration,
     /// The daemon's state directory (backends keep shared files below it).
     pub state_dir: PathBuf,
+    /// Pre-started VMM processes to keep (`[pool].vmm_spares`; Firecracker only).
+    pub vmm_spares: u32,
 }
 
 /// Builds the backend of `kind`. Kinds without an implementation get a backend that probes
@@ -114,6 +116,11 @@ impl Registry {
 
     pub fn probe(&self, kind: BackendKind) -> Option<&Probe> {
         self.entries.get(&kind).map(|e| &e.probe)
+    }
+
+    /// Every configured backend, in kind order.
+    pub fn backends(&self) -> Vec<Arc<dyn Backend>> {
+        self.entries.values().map(|e| e.backend.clone()).collect()
     }
 
     /// Every configured backend with its probe, in kind order.

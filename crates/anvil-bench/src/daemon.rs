@@ -172,7 +172,7 @@ impl Daemon {
     }
 
     /// Writes a config into a temp dir and starts `anvil daemon start` on it.
-    pub fn start(assets: &Assets, with_vm: bool) -> Result<Daemon> {
+    pub fn start(assets: &Assets, with_vm: bool, vmm_spares: u32) -> Result<Daemon> {
         let anvil = assets
             .anvil
             .clone()
@@ -192,7 +192,7 @@ impl Daemon {
         }
         let cgroup_root = format!("anvil-bench-{}", std::process::id());
         let fc = if with_vm {
-            format!("firecracker = \"{FIRECRACKER}\"\n")
+            format!("firecracker = \"{FIRECRACKER}\"\n\n[pool]\nvmm_spares = {vmm_spares}\n")
         } else {
             String::new()
         };

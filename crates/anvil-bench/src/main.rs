@@ -26,6 +26,10 @@ struct Args {
     /// Short budgets (the whole suite in under a minute) for development.
     #[arg(long)]
     quick: bool,
+    /// `[pool].vmm_spares` of the daemon the bench starts: pre-started Firecracker
+    /// processes that restores take (0 = every restore spawns its VMM).
+    #[arg(long, default_value_t = 1)]
+    vmm_spares: u32,
     /// Concurrent clients for the throughput measurements (latency ones use 1).
     #[arg(long, default_value_t = 8)]
     clients: usize,
@@ -186,7 +190,7 @@ fn real_main(args: Args) -> Result<i32> {
     }
     let mut d = match &args.socket {
         Some(s) => Daemon::existing(s.clone())?,
-        None => Daemon::start(&assets, with_vm)?,
+        None => Daemon::start(&assets, with_vm, args.vmm_spares)?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -301,6 +301,10 @@ pub struct PoolSection {
     pub backoff_initial: DurationValue,
     pub backoff_max: DurationValue,
     pub failure_threshold: u32,
+    /// Firecracker (without the jailer): VMM processes kept started, API socket up, in
+    /// their own cgroup, waiting for a snapshot load. A restore takes one instead of
+    /// spawning a VMM; 0 = off.
+    pub vmm_spares: u32,
 }
 
 impl Default for PoolSection {
@@ -312,6 +316,7 @@ impl Default for PoolSection {
             backoff_initial: DurationValue::millis(500),
             backoff_max: DurationValue::secs(30),
             failure_threshold: 3,
+            vmm_spares: 0,
         }
     }
 }
@@ -590,6 +595,9 @@ impl Config {
         }
         if p.failure_threshold == 0 {
             return Err(self.invalid("pool.failure_threshold", "must be at least 1"));
+        }
+        if self.pool.vmm_spares > 32 {
+            return Err(self.invalid("pool.vmm_spares", "at most 32"));
         }
 
         if let Some(name) = &self.template.default {

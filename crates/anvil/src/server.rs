@@ -195,6 +195,9 @@ pub async fn run(cfg: Config, config_path: std::path::PathBuf) -> Result<(), Str
     } else {
         info!("[daemon].shutdown = keep: sandboxes stay for the next daemon to adopt");
     }
+    for b in m.registry.backends() {
+        b.deactivate().await;
+    }
     let _ = std::fs::remove_file(&socket);
     info!("stopped");
     Ok(())

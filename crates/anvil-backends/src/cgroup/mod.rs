@@ -185,6 +185,14 @@ impl CgroupManager {
         Ok(cg)
     }
 
+    /// Writes `quota` into an existing cgroup (a pre-started VMM's, taken for a sandbox).
+    pub fn set_quota(&self, cg: &Cgroup, quota: &Quota) -> Result<(), CgroupError> {
+        match self.layout.mode {
+            Mode::V2 => write_v2_quota(cg, quota),
+            Mode::V1 | Mode::Hybrid => write_v1_quota(cg, quota),
+        }
+    }
+
     /// Root dirs per hierarchy, created if missing; on v2 also enables the controllers for
     /// the root's children (and in the top-level `cgroup.subtree_control` for the root).
     fn ensure_roots(&self) -> Result<Vec<PathBuf>, CgroupError> {

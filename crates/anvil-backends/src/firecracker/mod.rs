@@ -14,6 +14,7 @@
 
 pub mod api;
 mod layout;
+mod spares;
 mod spawn;
 mod watch;
 
@@ -80,6 +81,10 @@ pub struct FirecrackerConfig {
     pub stop_grace: Duration,
     /// Firecracker's own log level (Error, Warning, Info, Debug).
     pub log_level: String,
+    /// Spare VMMs to keep started for restores (plain mode; see `spares.rs`); 0 = none.
+    pub spares: usize,
+    /// Where spare VMMs keep their directories (same file system as the instance dirs).
+    pub spares_dir: PathBuf,
 }
 
 impl Default for FirecrackerConfig {
@@ -97,6 +102,8 @@ impl Default for FirecrackerConfig {
             cgroup: Some(CgroupConfig::default()),
             stop_grace: Duration::from_secs(2),
             log_level: "Warning".into(),
+            spares: 0,
+            spares_dir: PathBuf::from("/var/lib/anvil/firecracker/spares"),
         }
     }
 }
@@ -156,9 +163,11 @@ enum Source<'a> {
     Snapshot(&'a Path),
 }
 
+#[derive(Clone)]
 pub struct FirecrackerBackend {
     cfg: FirecrackerConfig,
     cgroups: Option<CgroupManager>,
+    spares: std::sync::Arc<spares::Spares>,
 }
 
 impl FirecrackerBackend {
@@ -183,7 +192,19 @@ impl FirecrackerBackend {
         };
         std::fs::create_dir_all(dir)
             .map_err(|e| BackendError::io(format!("create {}", dir.display()), e))?;
-        Ok(FirecrackerBackend { cfg, cgroups })
+        // Spares need the private-namespace mode (the jailer fixes a VMM's id and chroot at
+        // its start) and a cgroup to put a quota on when taken.
+        let want = if cfg.use_jailer || cgroups.is_none() {
+            0
+        } else {
+            cfg.spares
+        };
+        let spares = std::sync::Arc::new(spares::Spares::new(cfg.spares_dir.clone(), want));
+        Ok(FirecrackerBackend {
+            cfg,
+            cgroups,
+            spares,
+        })
     }
 
     /// The daemon's way in: binaries, cgroup root, ready timeout and state dir from the
@@ -203,6 +224,8 @@ impl FirecrackerBackend {
                 root_name: s.cgroup_root.clone(),
                 base: None,
             }),
+            spares: s.vmm_spares as usize,
+            spares_dir: base.join("spares"),
             ..FirecrackerConfig::default()
         })
     }
@@ -310,6 +333,12 @@ impl FirecrackerBackend {
         let vsock = meta
             .as_ref()
             .map_or(vm.enable_vsock || *probe == ReadyProbe::Agent, |m| m.vsock);
+        if let (Source::Snapshot(dir), false) = (&source, self.cfg.use_jailer) {
+            let (vmstate, mem) = (dir.join(layout::SNAP_VMSTATE), dir.join(layout::SNAP_MEM));
+            if let Some(r) = self.restore_on_spare(spec, &vmstate, &mem, vsock).await {
+                return r;
+            }
+        }
         let vmm_id = layout::vmm_id(&spec.id);
         let (vm_dir, jail_dir) = if self.cfg.use_jailer {
             let jail = layout::jail_dir(&self.cfg.chroot_base, &self.cfg.firecracker, &vmm_id);
@@ -512,55 +541,10 @@ impl FirecrackerBackend {
         };
 
         steps.mark("cgroup");
-        let jailer = match (self.cfg.use_jailer, &self.cfg.jailer) {
-            (true, Some(j)) => Some((
-                j.as_path(),
-                self.cfg.chroot_base.as_path(),
-                self.cfg.uid,
-                self.cfg.gid,
-            )),
-            _ => None,
-        };
-        let pid = spawn::spawn(spawn::Launch {
-            firecracker: &self.cfg.firecracker,
-            vmm_id,
-            vm_dir,
-            vm_root: &self.cfg.vm_root,
-            jailer,
-            console,
-            cgroup: procs.as_ref(),
-            log_level: &self.cfg.log_level,
-        })
-        .map_err(|e| {
-            BackendError::Spawn(format!("start {}: {e}", self.cfg.firecracker.display()))
-        })?;
-        drop(procs);
-        // Our unreaped child keeps its pid (even as a zombie): the start time is its own.
-        *pid_out = Some((pid, crate::procfs::pid_start_time(pid)));
-        let start = pid_out.and_then(|(_, s)| s).ok_or_else(|| {
-            BackendError::Spawn(format!(
-                "firecracker (pid {pid}) exited immediately{}",
-                self.console_tail(fc)
-            ))
-        })?;
-        let pidfd = PidFd::open(pid).map_err(io(format!("pidfd of firecracker pid {pid}")))?;
-        steps.mark("spawn");
-
-        // The API socket appears in the VM directory: wait for it by inotify, then for the
-        // listen(2) that follows bind(2) with a short bounded connect retry.
+        let (pid, start, pidfd) = self
+            .spawn_vmm(vmm_id, vm_dir, console, procs, fc, pid_out, steps)
+            .await?;
         let api = fc.api();
-        let sock = fc.api_socket.clone();
-        watch::wait_in_dir(&vm_dir.host, self.cfg.ready_timeout, Some(&pidfd), || {
-            Ok(sock.exists().then_some(()))
-        })
-        .await
-        .map_err(|e| self.wait_error(fc, "API socket", e))?;
-        steps.mark("api_bound");
-        watch::connect_retry(&sock, Duration::from_secs(1))
-            .await
-            .map_err(|e| self.wait_error(fc, "API socket to accept", WaitError::Io(e)))?;
-        steps.mark("api_socket");
-
         let api_err = |e: ApiError| BackendError::Spawn(e.to_string());
         match source {
             Source::Boot(t) => {
@@ -621,19 +605,96 @@ impl FirecrackerBackend {
                     .map_err(api_err)?;
                 // `resume_vm: true` answered 204: Firecracker has resumed the vCPUs.
                 steps.mark("snapshot_load");
-                if let (ReadyProbe::Agent, Some(uds)) = (probe, &fc.vsock_uds) {
-                    let ep = AgentEndpoint::Vsock {
-                        uds: uds.clone(),
-                        port: AGENT_VSOCK_PORT,
-                    };
-                    AgentClient::new(ep)
-                        .with_timeout(self.cfg.ready_timeout)
-                        .health()
-                        .await?;
-                }
+                self.ready_after_restore(spec, fc).await?;
             }
         }
         Ok((pid, start))
+    }
+
+    /// After a snapshot load: with the agent probe, one `health` call over vsock; a serial
+    /// marker guest counts as ready once Firecracker has resumed it.
+    async fn ready_after_restore(
+        &self,
+        spec: &InstanceSpec,
+        fc: &FcRuntime,
+    ) -> Result<(), BackendError> {
+        if let (ReadyProbe::Agent, Some(uds)) = (&self.probe_for(&spec.template), &fc.vsock_uds) {
+            let ep = AgentEndpoint::Vsock {
+                uds: uds.clone(),
+                port: AGENT_VSOCK_PORT,
+            };
+            AgentClient::new(ep)
+                .with_timeout(self.cfg.ready_timeout)
+                .health()
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Spawns a VMM for `vm_dir` (into the cgroup behind `procs`, if any) and waits until its
+    /// API socket accepts. `pid_out` gets (pid, start time) as soon as there is a process,
+    /// so the caller can clean up after an error.
+    #[allow(clippy::too_many_arguments)]
+    async fn spawn_vmm(
+        &self,
+        vmm_id: &str,
+        vm_dir: &VmDir,
+        console: Option<std::fs::File>,
+        procs: Option<crate::cgroup::ProcsFds>,
+        fc: &FcRuntime,
+        pid_out: &mut Option<(i32, Option<u64>)>,
+        steps: &mut Steps,
+    ) -> Result<(i32, u64, PidFd), BackendError> {
+        let io = |what: String| move |e| BackendError::io(what, e);
+        let jailer = match (self.cfg.use_jailer, &self.cfg.jailer) {
+            (true, Some(j)) => Some((
+                j.as_path(),
+                self.cfg.chroot_base.as_path(),
+                self.cfg.uid,
+                self.cfg.gid,
+            )),
+            _ => None,
+        };
+        let pid = spawn::spawn(spawn::Launch {
+            firecracker: &self.cfg.firecracker,
+            vmm_id,
+            vm_dir,
+            vm_root: &self.cfg.vm_root,
+            jailer,
+            console,
+            cgroup: procs.as_ref(),
+            log_level: &self.cfg.log_level,
+        })
+        .map_err(|e| {
+            BackendError::Spawn(format!("start {}: {e}", self.cfg.firecracker.display()))
+        })?;
+        drop(procs);
+        // Our unreaped child keeps its pid (even as a zombie): the start time is its own.
+        *pid_out = Some((pid, crate::procfs::pid_start_time(pid)));
+        let start = pid_out.and_then(|(_, s)| s).ok_or_else(|| {
+            BackendError::Spawn(format!(
+                "firecracker (pid {pid}) exited immediately{}",
+                self.console_tail(fc)
+            ))
+        })?;
+        let pidfd = PidFd::open(pid).map_err(io(format!("pidfd of firecracker pid {pid}")))?;
+        steps.mark("spawn");
+
+        // The API socket appears in the VM directory: wait for it by inotify, then for the
+        // listen(2) that follows bind(2) with a short bounded connect retry.
+        let sock = fc.api_socket.clone();
+        watch::wait_in_dir(&vm_dir.host, self.cfg.ready_timeout, Some(&pidfd), || {
+            Ok(sock.exists().then_some(()))
+        })
+        .await
+        .map_err(|e| self.wait_error(fc, "API socket", e))?;
+        steps.mark("api_bound");
+        watch::connect_retry(&sock, Duration::from_secs(1))
+            .await
+            .map_err(|e| self.wait_error(fc, "API socket to accept", WaitError::Io(e)))?;
+        steps.mark("api_socket");
+
+        Ok((pid, start, pidfd))
     }
 
     fn wait_error(&self, fc: &FcRuntime, what: &str, e: WaitError) -> BackendError {
@@ -786,6 +847,8 @@ impl FirecrackerBackend {
             if let Some(c) = &fc.console_log {
                 remove_file(c)?;
             }
+            // The record of the spare VMM this VM ran in, if any: that VMM is gone now.
+            remove_file(&fc.instance_dir.join(spares::RECORD))?;
         }
         Ok(())
     }
@@ -1067,7 +1130,38 @@ impl Backend for FirecrackerBackend {
         Ok(false)
     }
 
+    async fn activate(&self) {
+        self.sweep_spares().await;
+        if self.spares.want == 0 {
+            return;
+        }
+        let me = self.clone();
+        let task = tokio::spawn(async move { me.refill_spares().await });
+        self.spares.set_active(true, Some(task.abort_handle()));
+        self.spares.wake.notify_one();
+        tracing::info!(spares = self.spares.want, "keeping spare VMMs for restores");
+    }
+
+    async fn deactivate(&self) {
+        self.spares.set_active(false, None);
+        for s in self.spares.drain() {
+            if let Err(e) = self.kill_spare(&s).await {
+                tracing::warn!(spare = %s.name, error = %e, "stopping an idle spare VMM failed");
+            }
+        }
+    }
+
     async fn cleanup_unstarted(&self, spec: &InstanceSpec) -> Result<(), BackendError> {
+        // A spare VMM moved into this instance (its record moved with its directory).
+        if let Some(s) = spares::Spare::read(&spec.instance_dir) {
+            let s = spares::Spare {
+                dir: spec.instance_dir.clone(),
+                ..s
+            };
+            if let Err(e) = self.kill_spare(&s).await {
+                tracing::warn!(spare = %s.name, error = %e, "stopping the spare VMM of an unfinished create");
+            }
+        }
         // A VMM may already run in the sandbox's cgroup: kill it before removing its files.
         if let Some(m) = &self.cgroups {
             let cg = m

@@ -78,6 +78,15 @@ pub struct Env {
 
 impl Env {
     pub fn new(jailed: bool) -> Env {
+        Self::build(jailed, 0)
+    }
+
+    /// Plain mode with `spares` spare VMMs (started by `Backend::activate`).
+    pub fn with_spares(spares: usize) -> Env {
+        Self::build(false, spares)
+    }
+
+    fn build(jailed: bool, spares: usize) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("fc")
             .tempdir_in("/tmp")
@@ -98,6 +107,8 @@ impl Env {
             }),
             stop_grace: Duration::from_secs(2),
             log_level: "Info".into(),
+            spares,
+            spares_dir: dir.path().join("spares"),
         };
         let backend = FirecrackerBackend::new(cfg).unwrap();
         Env {

@@ -54,6 +54,7 @@ pub fn backend_settings(cfg: &Config, kind: anvil_core::backend::BackendKind) ->
         cgroup_mode: cfg.cgroup.mode.as_str().to_string(),
         ready_timeout: cfg.template.ready_timeout.get(),
         state_dir: cfg.daemon.state_dir.clone(),
+        vmm_spares: cfg.pool.vmm_spares,
     }
 }
 
@@ -164,6 +165,9 @@ impl Manager {
             cfg,
         });
         m.recover().await?;
+        for b in m.registry.backends() {
+            b.activate().await;
+        }
         Ok(m)
     }
 
