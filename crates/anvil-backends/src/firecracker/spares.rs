@@ -87,22 +87,22 @@ impl Spares {
         self.ready().push_back(s);
     }
 
-    /// The oldest idle spare whose VMM is still the process that was started.
+    /// The oldest idle spare whose VMM is still the process that was started. The caller
+    /// wakes the refill (`refill_soon`) once its restore is done, so starting the
+    /// replacement does not compete with the snapshot load for the CPU.
     pub fn take(&self) -> Option<Spare> {
-        let taken = {
-            let mut q = self.ready();
-            let mut found = None;
-            while let Some(s) = q.pop_front() {
-                if crate::procfs::same_process(s.pid, s.start) {
-                    found = Some(s);
-                    break;
-                }
-                tracing::warn!(spare = %s.name, pid = s.pid, "spare VMM died while idle; dropping it");
+        let mut q = self.ready();
+        while let Some(s) = q.pop_front() {
+            if crate::procfs::same_process(s.pid, s.start) {
+                return Some(s);
             }
-            found
-        };
+            tracing::warn!(spare = %s.name, pid = s.pid, "spare VMM died while idle; dropping it");
+        }
+        None
+    }
+
+    pub fn refill_soon(&self) {
         self.wake.notify_one();
-        taken
     }
 
     /// Every idle spare (for shutdown).
@@ -312,7 +312,11 @@ impl FirecrackerBackend {
         if vm.exists() {
             return None;
         }
-        let spare = self.spares.take()?;
+        let Some(spare) = self.spares.take() else {
+            // None idle (or the idle ones died): make sure the refill is running.
+            self.spares.refill_soon();
+            return None;
+        };
         let mut steps = Steps::start();
         let fc = FcRuntime {
             instance_dir: dir.clone(),
@@ -340,6 +344,7 @@ impl FirecrackerBackend {
             std::fs::remove_dir(&spare.dir)
         })();
         if let Err(e) = moved {
+            self.spares.refill_soon();
             let _ = self.kill_spare(&spare).await;
             let _ = super::remove_tree(&vm);
             return Some(Err(BackendError::io(
@@ -362,6 +367,7 @@ impl FirecrackerBackend {
             self.ready_after_restore(spec, &fc).await
         }
         .await;
+        self.spares.refill_soon();
         match result {
             Ok(()) => {
                 tracing::info!(id = %spec.id, pid = spare.pid, spare = %spare.name, %steps, "firecracker VM ready (spare VMM)");
