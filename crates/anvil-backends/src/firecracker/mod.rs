@@ -1135,15 +1135,15 @@ impl Backend for FirecrackerBackend {
         if self.spares.want == 0 {
             return;
         }
+        self.spares.set_active(true);
         let me = self.clone();
         let task = tokio::spawn(async move { me.refill_spares().await });
-        self.spares.set_active(true, Some(task.abort_handle()));
-        self.spares.wake.notify_one();
+        self.spares.set_task(task.abort_handle());
         tracing::info!(spares = self.spares.want, "keeping spare VMMs for restores");
     }
 
     async fn deactivate(&self) {
-        self.spares.set_active(false, None);
+        self.spares.set_active(false);
         for s in self.spares.drain() {
             if let Err(e) = self.kill_spare(&s).await {
                 tracing::warn!(spare = %s.name, error = %e, "stopping an idle spare VMM failed");

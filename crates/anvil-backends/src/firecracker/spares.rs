@@ -70,13 +70,26 @@ impl Spares {
         self.active.load(Ordering::SeqCst)
     }
 
-    pub fn set_active(&self, on: bool, task: Option<tokio::task::AbortHandle>) {
+    /// Marks the refill active (before its task starts: the task stops when it finds it
+    /// inactive) or inactive (stopping the task).
+    pub fn set_active(&self, on: bool) {
         self.active.store(on, Ordering::SeqCst);
-        let mut t = self.task.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = t.take() {
+        if !on {
+            if let Some(t) = self.task.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                t.abort();
+            }
+        }
+    }
+
+    pub fn set_task(&self, task: tokio::task::AbortHandle) {
+        if let Some(old) = self
+            .task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(task)
+        {
             old.abort();
         }
-        *t = task;
     }
 
     pub fn idle(&self) -> usize {
