@@ -317,3 +317,75 @@ fn failed_vm_template_falls_back_to_bubblewrap_with_the_reason() {
         .iter()
         .all(|(_, c)| !c.starts_with(FC)));
 }
+
+/// `[pool].vmm_spares`: the daemon keeps a spare Firecracker process, a VM create restores
+/// into it, a replacement starts, and stopping the daemon stops the idle spare and removes
+/// its directory (nothing of a spare outlives the daemon).
+#[test]
+fn spare_vmms_serve_restores_and_stop_with_the_daemon() {
+    if let Some(r) = skip_reason().or_else(fc_skip_reason) {
+        eprintln!("SKIP: {r}");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (rootfs, kernel, image) = assets(tmp.path());
+    let mut d = Daemon::start(Opts {
+        backends: format!("bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"{FC}\""),
+        policies: vec![policy("vm", 10, "vm", "\"firecracker\"", "guest")],
+        extra: "[pool]\nvmm_spares = 1\n".into(),
+        ..Default::default()
+    });
+    let spares_dir = d.state_dir().join("firecracker/spares");
+    let t = d.post(
+        "/v1/templates",
+        json!({"name": "guest", "rootfs_dir": rootfs, "kernel": kernel, "rootfs_image": image, "ready_marker": MARKER}),
+    );
+    assert_eq!(t.status, 201, "{}", t.text());
+    d.wait_for("a spare VMM", std::time::Duration::from_secs(20), || {
+        std::fs::read_dir(&spares_dir)
+            .map(|rd| rd.flatten().any(|e| e.path().join("spare.json").exists()))
+            .unwrap_or(false)
+    });
+
+    let r = d.post("/v1/instances", json!({"workload_class": "vm"}));
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["start_path"], "restore", "{}", r.text());
+    let id = r.json()["instance"]["id"].as_str().unwrap().to_string();
+    assert_eq!(r.json()["instance"]["state"], "running", "{}", r.text());
+    assert!(
+        d.log().contains("firecracker VM ready (spare VMM)"),
+        "the restore did not use the spare:\n{}",
+        d.log()
+    );
+    // The VM's directory is the spare's, moved into the instance's.
+    assert!(d
+        .state_dir()
+        .join("instances")
+        .join(&id)
+        .join("vm/fc.sock")
+        .exists());
+    d.wait_for(
+        "a replacement spare",
+        std::time::Duration::from_secs(20),
+        || {
+            std::fs::read_dir(&spares_dir)
+                .map(|rd| rd.flatten().any(|e| e.path().join("spare.json").exists()))
+                .unwrap_or(false)
+        },
+    );
+    assert_eq!(d.delete(&format!("/v1/instances/{id}")).status, 200);
+    assert!(!d.state_dir().join("instances").join(&id).exists());
+
+    let st = d.sigterm();
+    assert!(st.is_some_and(|s| s.success()), "{st:?}\n{}", d.log());
+    let left: Vec<_> = std::fs::read_dir(&spares_dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "spare dirs left: {left:?}");
+    // Every VMM of this daemon (spares too) names its state dir's vm_root on its command line.
+    let fcs: Vec<_> = processes_with(&d.state_dir().to_string_lossy())
+        .into_iter()
+        .filter(|(_, c)| c.contains("firecracker"))
+        .collect();
+    assert!(fcs.is_empty(), "firecracker processes left: {fcs:?}");
+}
