@@ -193,7 +193,9 @@ impl Manager {
             None => None,
         };
         let from_pool = twin.is_some();
-        let retired = match twin {
+        // What both records were, to undo a swap the store refused.
+        let before = twin.as_ref().map(|(_, w)| (rec.clone(), (**w).clone()));
+        let mut retired = match twin {
             Some((wslot, mut w)) => {
                 // The used sandbox goes to the twin's record, which is destroyed next; the
                 // twin's fresh sandbox (and its directory and cgroup) become this instance's.
@@ -256,12 +258,29 @@ impl Manager {
         } else {
             rec.instance.updated_at = rfc3339(now_ms());
         }
-        match &retired {
-            Some((_, w)) => self
-                .store
-                .put_instances(&[&*rec, &**w])
-                .map_err(OpError::internal)?,
-            None => self.persist(&rec)?,
+        match (&mut retired, before) {
+            (Some((wslot, w)), Some((rec_before, w_before))) => {
+                if let Err(e) = self.store.put_instances(&[&*rec, &**w]) {
+                    // Nothing was stored: put both back as they were and running again.
+                    *rec = rec_before;
+                    **w = w_before;
+                    if let Some(rt) = rec.runtime.clone() {
+                        self.supervise(&slot, rt);
+                    }
+                    if let Some(rt) = w.runtime.clone() {
+                        self.supervise(wslot, rt);
+                    }
+                    if let Some(key) = w.instance.pool.clone() {
+                        self.pools.add_warm(
+                            &key,
+                            &w.instance.id,
+                            w.warm_since_ms.unwrap_or_else(now_ms),
+                        );
+                    }
+                    return Err(OpError::internal(e));
+                }
+            }
+            _ => self.persist(&rec)?,
         }
         self.supervise(&slot, new_rt);
         if let Some((wslot, w)) = retired {

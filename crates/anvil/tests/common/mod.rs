@@ -343,6 +343,30 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.sigterm();
+        // A daemon keeps its cgroup root (sandboxes may outlive it); a test daemon's root is
+        // removed once empty, so test runs leave no cgroup directories behind.
+        if let Some(root) = cgroup_root_of(&self.config) {
+            remove_empty_cgroup_root(&root);
+        }
+    }
+}
+
+/// `[cgroup].root` of a config file (default `anvil`, which is never removed here).
+fn cgroup_root_of(config: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(config).ok()?;
+    let table: toml::Table = text.parse().ok()?;
+    let root = table.get("cgroup")?.get("root")?.as_str()?.to_string();
+    (root != "anvil" && !root.contains('/') && !root.is_empty()).then_some(root)
+}
+
+/// rmdir (only succeeds when empty) of `root` in every mounted hierarchy.
+pub fn remove_empty_cgroup_root(root: &str) {
+    let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(root));
+    for e in rd.flatten() {
+        let _ = std::fs::remove_dir(e.path().join(root));
     }
 }
 
