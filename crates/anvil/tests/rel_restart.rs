@@ -526,3 +526,57 @@ fn firecracker_vm_survives_kill9_and_is_adopted() {
         .collect();
     assert!(left.is_empty(), "instance dirs left: {left:?}");
 }
+
+/// `kill -9` right after a reset that took over a warm twin's sandbox: the used sandbox is
+/// being retired in the background (or already is). After the restart the instance serves
+/// from its new, clean sandbox and nothing of the used one is left, whichever way it went:
+/// retired before the kill (`recycled`) or found in state `reset` by recovery and destroyed.
+#[test]
+fn kill9_right_after_a_swap_reset_leaves_no_used_sandbox_behind() {
+    let Some(mut bw) = Bw::start(policies()) else {
+        return;
+    };
+    wait_warm(&bw, 2);
+    let id = bw.create(POOLED);
+    wait_warm(&bw, 2);
+    assert_eq!(bw.put_file(&id, "/root/used", b"by a client").status, 200);
+    let used = bw.footprint(&id);
+    let warm_before = bw.d.ids("state=warm");
+    let r = bw.d.post(&format!("/v1/instances/{id}/reset"), json!({}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["from_pool"], true, "{}", r.text());
+    bw.d.kill9();
+    bw.d.spawn();
+
+    let v = bw.instance(&id);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["reset_count"], 1, "{v}");
+    assert_eq!(bw.get_file(&id, "/root/used").status, 404);
+    assert_eq!(bw.sh(&id, "echo fresh"), "fresh\n");
+    bw.assert_gone(&used);
+    // The twin (one of the warm instances before the reset) carried the used sandbox. Other
+    // tombstones can only be pool refills the kill cut short.
+    let destroyed: Vec<Value> =
+        bw.d.get("/v1/instances?state=destroyed")
+            .json()
+            .as_array()
+            .unwrap()
+            .clone();
+    let (retired, others): (Vec<Value>, Vec<Value>) = destroyed.into_iter().partition(|v| {
+        warm_before
+            .iter()
+            .any(|w| v["id"].as_str() == Some(w.as_str()))
+    });
+    assert_eq!(retired.len(), 1, "{retired:?}");
+    for o in &others {
+        assert_eq!(o["termination_reason"], "lost-on-restart", "{o}");
+        assert_eq!(o["reset_count"], 0, "{o}");
+    }
+    let reason = retired[0]["termination_reason"].as_str().unwrap_or("");
+    assert!(
+        reason == "recycled" || reason == "lost-on-restart",
+        "{retired:?}"
+    );
+    eprintln!("the used sandbox was {reason} (retired before the kill, or at restart)");
+    bw.finish();
+}
