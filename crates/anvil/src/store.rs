@@ -115,11 +115,7 @@ impl Store {
         key: &str,
         value: &T,
     ) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Encode {
-            table: name,
-            key: key.to_string(),
-            source,
-        })?;
+        let bytes = encode(name, key, value)?;
         self.write(|txn| {
             txn.open_table(table)?.insert(key, bytes.as_slice())?;
             Ok(())
@@ -142,12 +138,8 @@ impl Store {
     pub fn put_instances(&self, recs: &[&InstanceRecord]) -> Result<(), StoreError> {
         let mut encoded = Vec::with_capacity(recs.len());
         for rec in recs {
-            let bytes = serde_json::to_vec(rec).map_err(|source| StoreError::Encode {
-                table: "instances",
-                key: rec.instance.id.clone(),
-                source,
-            })?;
-            encoded.push((rec.instance.id.as_str(), bytes));
+            let id = rec.instance.id.as_str();
+            encoded.push((id, encode("instances", id, rec)?));
         }
         self.write(|txn| {
             let mut t = txn.open_table(INSTANCES)?;
@@ -161,11 +153,7 @@ impl Store {
     /// Replaces the record stored under `old_id` by `rec` (a warm instance claimed under a
     /// client-chosen id) in one transaction.
     pub fn rename_instance(&self, old_id: &str, rec: &InstanceRecord) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(rec).map_err(|source| StoreError::Encode {
-            table: "instances",
-            key: rec.instance.id.clone(),
-            source,
-        })?;
+        let bytes = encode("instances", &rec.instance.id, rec)?;
         self.write(|txn| {
             let mut t = txn.open_table(INSTANCES)?;
             t.remove(old_id)?;
@@ -252,4 +240,13 @@ impl Store {
         };
         self.delete(table, &rec.key)
     }
+}
+
+/// A record as stored (JSON), or an error naming its table and key.
+fn encode<T: Serialize>(table: &'static str, key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Encode {
+        table,
+        key: key.to_string(),
+        source,
+    })
 }

@@ -170,10 +170,7 @@ impl CgroupManager {
                     Err(e) => return Err(CgroupError::io(format!("mkdir {}", dir.display()), e)),
                 }
             }
-            match self.layout.mode {
-                Mode::V2 => write_v2_quota(&cg, quota),
-                Mode::V1 | Mode::Hybrid => write_v1_quota(&cg, quota),
-            }
+            self.set_quota(&cg, quota)
         })();
         if let Err(e) = result {
             if let Err(rm) = cg.remove() {

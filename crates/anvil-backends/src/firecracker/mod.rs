@@ -333,7 +333,7 @@ impl FirecrackerBackend {
         let vsock = meta
             .as_ref()
             .map_or(vm.enable_vsock || *probe == ReadyProbe::Agent, |m| m.vsock);
-        if let (Source::Snapshot(dir), false) = (&source, self.cfg.use_jailer) {
+        if let Source::Snapshot(dir) = &source {
             let (vmstate, mem) = (dir.join(layout::SNAP_VMSTATE), dir.join(layout::SNAP_MEM));
             if let Some(r) = self.restore_on_spare(spec, &vmstate, &mem, vsock).await {
                 return r;
@@ -388,13 +388,8 @@ impl FirecrackerBackend {
                 Self::to_runtime(p, start, &fc)
             }
             Err(e) => {
-                let rt = Runtime {
-                    backend: BackendKind::Firecracker,
-                    pid: pid.map(|(p, _)| p),
-                    pid_start_time: pid.and_then(|(_, start)| start),
-                    data: serde_json::to_value(&fc).unwrap_or_default(),
-                };
-                if let Err(cleanup) = self.teardown_fc(&rt, &fc, true).await {
+                let vmm = pid.and_then(|(p, start)| Some((p, start?)));
+                if let Err(cleanup) = self.teardown_fc(vmm, &fc, true).await {
                     tracing::warn!(id = %spec.id, error = %cleanup, "cleanup after failed firecracker start");
                 }
                 Err(e)
@@ -817,16 +812,17 @@ impl FirecrackerBackend {
     /// instance directory; otherwise only the VM directory inside it.
     async fn teardown(&self, rt: &Runtime, remove_instance_dir: bool) -> Result<(), BackendError> {
         let fc = Self::runtime_of(rt)?;
-        self.teardown_fc(rt, &fc, remove_instance_dir).await
+        self.teardown_fc(vmm_of(rt), &fc, remove_instance_dir).await
     }
 
+    /// Stops the VMM `vmm` (pid, start time), if any, and removes what `fc` names.
     async fn teardown_fc(
         &self,
-        rt: &Runtime,
+        vmm: Option<(i32, u64)>,
         fc: &FcRuntime,
         remove_instance_dir: bool,
     ) -> Result<(), BackendError> {
-        if let (Some(pid), Some(start)) = (rt.pid, rt.pid_start_time) {
+        if let Some((pid, start)) = vmm {
             self.stop_process(pid, start).await?;
         }
         if let Some(cg) = &fc.cgroup {
@@ -1126,7 +1122,7 @@ impl Backend for FirecrackerBackend {
             return Ok(true);
         }
         tracing::info!(pid = ?rt.pid, dir = %fc.instance_dir.display(), "firecracker VM is gone or unresponsive; cleaning up");
-        self.teardown_fc(rt, &fc, true).await?;
+        self.teardown_fc(vmm_of(rt), &fc, true).await?;
         Ok(false)
     }
 
@@ -1251,6 +1247,11 @@ fn remove_tree(p: &Path) -> Result<(), BackendError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(BackendError::io(format!("remove {}", p.display()), e)),
     }
+}
+
+/// The VMM process a runtime records, as (pid, start time).
+fn vmm_of(rt: &Runtime) -> Option<(i32, u64)> {
+    rt.pid.zip(rt.pid_start_time)
 }
 
 fn remove_file(p: &Path) -> Result<(), BackendError> {

@@ -134,28 +134,31 @@ use std::time::Duration;
 const RETRY: Duration = Duration::from_secs(2);
 
 impl FirecrackerBackend {
+    /// The files of a plain-mode VMM whose directory is `dir` (its VM directory `dir/vm` is
+    /// what the VMM sees at `vm_root`): a spare's, or an instance's after it took a spare.
+    fn plain_fc(&self, dir: &Path, vsock: bool, cgroup: Option<Cgroup>) -> FcRuntime {
+        let vm = dir.join("vm");
+        FcRuntime {
+            instance_dir: dir.to_path_buf(),
+            api_socket: vm.join(layout::API_SOCK),
+            vsock_uds: vsock.then(|| vm.join(layout::VSOCK_UDS)),
+            vm_dir: vm,
+            vmm_dir: self.cfg.vm_root.clone(),
+            jail_dir: None,
+            console_log: Some(dir.join("console.log")),
+            cgroup,
+            start_path: StartPath::Restore,
+        }
+    }
+
     /// Starts one spare VMM and records it; on error nothing of it is left.
     pub(super) async fn start_spare(&self) -> Result<Spare, BackendError> {
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let name = format!("spare-{nonce:x}");
-        let dir = self.spares.dir.join(&name);
-        let vm_dir = VmDir {
-            host: dir.join("vm"),
-            vmm: self.cfg.vm_root.clone(),
-        };
-        let mut fc = FcRuntime {
-            instance_dir: dir.clone(),
-            vm_dir: vm_dir.host.clone(),
-            vmm_dir: vm_dir.vmm.clone(),
-            jail_dir: None,
-            api_socket: vm_dir.host(layout::API_SOCK),
-            vsock_uds: None,
-            console_log: Some(dir.join("console.log")),
-            cgroup: None,
-            start_path: StartPath::Restore,
-        };
+        let mut fc = self.plain_fc(&self.spares.dir.join(&name), false, None);
+        let vm_dir = fc.vm();
         let mut pid = None;
         let res = self
             .start_spare_inner(&name, &vm_dir, &mut fc, &mut pid)
@@ -163,13 +166,8 @@ impl FirecrackerBackend {
         match res {
             Ok(spare) => Ok(spare),
             Err(e) => {
-                let rt = Runtime {
-                    backend: anvil_core::backend::BackendKind::Firecracker,
-                    pid: pid.map(|(p, _)| p),
-                    pid_start_time: pid.and_then(|(_, s)| s),
-                    data: serde_json::Value::Null,
-                };
-                if let Err(c) = self.teardown_fc(&rt, &fc, true).await {
+                let vmm = pid.and_then(|(p, start)| Some((p, start?)));
+                if let Err(c) = self.teardown_fc(vmm, &fc, true).await {
                     tracing::warn!(spare = %name, error = %c, "cleanup after a failed spare start");
                 }
                 Err(e)
@@ -237,24 +235,8 @@ impl FirecrackerBackend {
 
     /// Stops a spare's VMM and removes its cgroup and directory.
     pub(super) async fn kill_spare(&self, s: &Spare) -> Result<(), BackendError> {
-        let fc = FcRuntime {
-            instance_dir: s.dir.clone(),
-            vm_dir: s.dir.join("vm"),
-            vmm_dir: self.cfg.vm_root.clone(),
-            jail_dir: None,
-            api_socket: s.dir.join("vm").join(layout::API_SOCK),
-            vsock_uds: None,
-            console_log: None,
-            cgroup: s.cgroup.clone(),
-            start_path: StartPath::Restore,
-        };
-        let rt = Runtime {
-            backend: anvil_core::backend::BackendKind::Firecracker,
-            pid: Some(s.pid),
-            pid_start_time: Some(s.start),
-            data: serde_json::Value::Null,
-        };
-        self.teardown_fc(&rt, &fc, true).await
+        let fc = self.plain_fc(&s.dir, false, s.cgroup.clone());
+        self.teardown_fc(Some((s.pid, s.start)), &fc, true).await
     }
 
     /// Kills whatever a previous daemon left in the spares directory (recorded spares, and
@@ -322,7 +304,8 @@ impl FirecrackerBackend {
     ) -> Option<Result<Runtime, BackendError>> {
         let dir = spec.instance_dir.clone();
         let vm = dir.join("vm");
-        if vm.exists() {
+        // No spares kept (jailer mode, or none configured), or a VM directory in the way.
+        if self.spares.want == 0 || vm.exists() {
             return None;
         }
         let Some(spare) = self.spares.take() else {
@@ -331,17 +314,7 @@ impl FirecrackerBackend {
             return None;
         };
         let mut steps = Steps::start();
-        let fc = FcRuntime {
-            instance_dir: dir.clone(),
-            vm_dir: vm.clone(),
-            vmm_dir: self.cfg.vm_root.clone(),
-            jail_dir: None,
-            api_socket: vm.join(layout::API_SOCK),
-            vsock_uds: vsock.then(|| vm.join(layout::VSOCK_UDS)),
-            console_log: Some(dir.join("console.log")),
-            cgroup: spare.cgroup.clone(),
-            start_path: StartPath::Restore,
-        };
+        let fc = self.plain_fc(&dir, vsock, spare.cgroup.clone());
         let rt = match Self::to_runtime(spare.pid, spare.start, &fc) {
             Ok(rt) => rt,
             Err(e) => return Some(Err(e)),
@@ -387,7 +360,10 @@ impl FirecrackerBackend {
                 Some(Ok(rt))
             }
             Err(e) => {
-                if let Err(c) = self.teardown_fc(&rt, &fc, true).await {
+                if let Err(c) = self
+                    .teardown_fc(Some((spare.pid, spare.start)), &fc, true)
+                    .await
+                {
                     tracing::warn!(id = %spec.id, error = %c, "cleanup after a failed restore on a spare");
                 }
                 Some(Err(e))
