@@ -2,12 +2,13 @@
 //! configured with the policy order reversed, the firecracker binary missing, a firecracker
 //! template whose boot snapshot failed. Each case checks the decision's reasons and that the
 //! instance really runs under the backend it is recorded under (its process on the host).
+mod bwrap_support;
 mod common;
+use bwrap_support::processes_mentioning;
 use common::*;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
-const FC: &str = "/usr/local/bin/firecracker";
 const MARKER: &str = "ANVIL-TEST-GUEST-READY";
 
 fn policy(name: &str, prio: i64, class: &str, order: &str, template: &str) -> (String, String) {
@@ -32,25 +33,6 @@ fn skip_reason() -> Option<String> {
     None
 }
 
-fn fc_skip_reason() -> Option<String> {
-    if !Path::new(FC).exists() {
-        return Some(format!("{FC} missing (scripts/install-firecracker.sh)"));
-    }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        return Some("/dev/kvm not usable".into());
-    }
-    None
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 /// The busybox rootfs and the test guest, built by the project's scripts.
 fn assets(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     let rootfs = dir.join("busybox");
@@ -63,37 +45,8 @@ fn assets(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = std::process::Command::new(repo().join("guest/test-guest/build.sh"))
-        .arg(dir.join("guest"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let kernel = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
-    let image = dir.join("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let (kernel, image) = test_guest_assets(dir);
     (rootfs, kernel, image)
-}
-
-/// Processes whose command line mentions `needle`.
-fn processes_with(needle: &str) -> Vec<(i32, String)> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains(needle) {
-            out.push((pid, cmd));
-        }
-    }
-    out
 }
 
 /// Names (comm) of the processes in the instance's cgroup (each sandbox has its own, named
@@ -145,7 +98,7 @@ fn policy_order_decides_between_two_available_backends() {
     let tmp = tempfile::tempdir().unwrap();
     let (rootfs, kernel, image) = assets(tmp.path());
     let d = Daemon::start(Opts {
-        backends: format!("bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"{FC}\""),
+        backends: format!("bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"{FIRECRACKER}\""),
         policies: vec![
             policy(
                 "vm-first",
@@ -272,7 +225,7 @@ fn failed_vm_template_falls_back_to_bubblewrap_with_the_reason() {
     let bogus = tmp.path().join("not-a-kernel");
     std::fs::write(&bogus, b"this is not an ELF kernel").unwrap();
     let d = Daemon::start(Opts {
-        backends: format!("bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"{FC}\""),
+        backends: format!("bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"{FIRECRACKER}\""),
         policies: vec![policy(
             "vm-first",
             10,
@@ -313,9 +266,9 @@ fn failed_vm_template_falls_back_to_bubblewrap_with_the_reason() {
     let id = b["instance"]["id"].as_str().unwrap();
     runs_under(&d, id, "bubblewrap");
     // No firecracker process was left by the failed snapshot.
-    assert!(processes_with(&d.state_dir().to_string_lossy())
+    assert!(processes_mentioning(&d.state_dir().to_string_lossy())
         .iter()
-        .all(|(_, c)| !c.starts_with(FC)));
+        .all(|(_, c)| !c.starts_with(FIRECRACKER)));
 }
 
 /// `[pool].vmm_spares`: the daemon keeps a spare Firecracker process, a VM create restores
@@ -330,7 +283,7 @@ fn spare_vmms_serve_restores_and_stop_with_the_daemon() {
     let tmp = tempfile::tempdir().unwrap();
     let (rootfs, kernel, image) = assets(tmp.path());
     let mut d = Daemon::start(Opts {
-        backends: format!("bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"{FC}\""),
+        backends: format!("bubblewrap = \"/usr/bin/bwrap\"\nfirecracker = \"{FIRECRACKER}\""),
         policies: vec![policy("vm", 10, "vm", "\"firecracker\"", "guest")],
         extra: "[pool]\nvmm_spares = 1\n".into(),
         ..Default::default()
@@ -383,7 +336,7 @@ fn spare_vmms_serve_restores_and_stop_with_the_daemon() {
         .unwrap_or_default();
     assert!(left.is_empty(), "spare dirs left: {left:?}");
     // Every VMM of this daemon (spares too) names its state dir's vm_root on its command line.
-    let fcs: Vec<_> = processes_with(&d.state_dir().to_string_lossy())
+    let fcs: Vec<_> = processes_mentioning(&d.state_dir().to_string_lossy())
         .into_iter()
         .filter(|(_, c)| c.contains("firecracker"))
         .collect();

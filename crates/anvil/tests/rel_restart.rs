@@ -10,7 +10,7 @@ use bwrap_support::*;
 use common::*;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const CLASS: &str = "rel";
@@ -390,47 +390,7 @@ fn sigterm_keep_leaves_sandboxes_for_the_next_daemon_and_destroy_removes_them() 
 
 // ---- Firecracker (test guest) ----
 
-const FC: &str = "/usr/local/bin/firecracker";
 const MARKER: &str = "ANVIL-TEST-GUEST-READY";
-
-fn fc_skip_reason() -> Option<String> {
-    if !nix::unistd::Uid::effective().is_root() {
-        return Some("firecracker tests need root".into());
-    }
-    if !Path::new(FC).exists() {
-        return Some(format!("{FC} missing (scripts/install-firecracker.sh)"));
-    }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        return Some("/dev/kvm not usable".into());
-    }
-    None
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The test guest kernel (built by guest/test-guest/build.sh) and a 1 MiB disk image.
-fn guest_assets(dir: &Path) -> (PathBuf, PathBuf) {
-    let out = std::process::Command::new(repo().join("guest/test-guest/build.sh"))
-        .arg(dir.join("guest"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let kernel = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
-    let image = dir.join("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
-    (kernel, image)
-}
 
 /// (pid, start time) of the firecracker processes in the cgroup named `id`.
 fn firecracker_procs(id: &str) -> Vec<(i32, u64)> {
@@ -458,10 +418,10 @@ fn firecracker_vm_survives_kill9_and_is_adopted() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let (kernel, image) = guest_assets(tmp.path());
+    let (kernel, image) = test_guest_assets(tmp.path());
     let policy = "manifest_version = 1\npolicy_name = \"vm\"\npriority = 10\n[match]\nworkload_class = [\"vm\"]\n[select]\nbackend_priority = [\"firecracker\"]\ntemplates = [\"guest\"]\nfallback_on_missing_hook = \"continue\"\n[pool]\nenabled = false\nreset_mode = \"mm-template\"\n";
     let mut d = Daemon::start(Opts {
-        backends: format!("firecracker = \"{FC}\""),
+        backends: format!("firecracker = \"{FIRECRACKER}\""),
         policies: vec![("vm.toml".into(), policy.into())],
         ..Default::default()
     });

@@ -9,6 +9,53 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The Firecracker binary scripts/install-firecracker.sh installs.
+pub const FIRECRACKER: &str = "/usr/local/bin/firecracker";
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Why tests with real Firecracker VMs cannot run here, if they cannot.
+pub fn fc_skip_reason() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("firecracker tests need root".into());
+    }
+    if !Path::new(FIRECRACKER).exists() {
+        return Some(format!(
+            "{FIRECRACKER} missing (scripts/install-firecracker.sh)"
+        ));
+    }
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        return Some("/dev/kvm not usable".into());
+    }
+    None
+}
+
+/// The test guest kernel (built by guest/test-guest/build.sh into `dir/guest`) and a 1 MiB
+/// disk image in `dir`.
+pub fn test_guest_assets(dir: &Path) -> (PathBuf, PathBuf) {
+    let out = Command::new(repo().join("guest/test-guest/build.sh"))
+        .arg(dir.join("guest"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kernel = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
+    let image = dir.join("disk.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    (kernel, image)
+}
+
 pub const MOCK_POLICY: &str = r#"
 manifest_version = 1
 policy_name = "mock-default"
