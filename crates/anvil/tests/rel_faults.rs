@@ -338,12 +338,11 @@ fn full_state_dir_fails_cleanly_and_recovers_without_a_restart() {
         // The daemon keeps serving, the existing sandbox keeps working.
         assert_eq!(bw.d.get("/v1/health").status, 200);
         assert_eq!(bw.sh(&a, "echo works"), "works\n");
-        let dirs: Vec<_> = std::fs::read_dir(bw.instances_dir())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(dirs, vec![a.clone()], "instance dirs on the full disk");
+        assert_eq!(
+            bw.instance_dir_names(),
+            vec![a.clone()],
+            "instance dirs on the full disk"
+        );
 
         // Space freed: everything works again without a restart.
         std::fs::remove_file(&filler).unwrap();
@@ -417,12 +416,7 @@ fn bwrap_binary_removed_while_running() {
     );
     assert!(r.headers.get("retry-after").is_some(), "Retry-After on 503");
     // Nothing of the failed create is left: only `a` has a directory and a cgroup.
-    let dirs: Vec<_> = std::fs::read_dir(bw.instances_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(dirs, vec![a.clone()]);
+    assert_eq!(bw.instance_dir_names(), vec![a.clone()]);
     for h in hierarchies() {
         let n = std::fs::read_dir(h.join(&bw.root))
             .map(|rd| rd.flatten().filter(|e| e.path().is_dir()).count())
@@ -685,39 +679,19 @@ fn client_disconnect_mid_upload_leaves_no_partial_file() {
 
 // ---- Firecracker: the VMM killed ----
 
-const FC: &str = "/usr/local/bin/firecracker";
 const MARKER: &str = "ANVIL-TEST-GUEST-READY";
 
 #[test]
 fn firecracker_killed_is_destroyed_as_exited() {
-    if !nix::unistd::Uid::effective().is_root()
-        || !Path::new(FC).exists()
-        || std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_err()
-    {
-        eprintln!("SKIP: needs root, {FC} and a usable /dev/kvm");
+    if let Some(r) = fc_skip_reason() {
+        eprintln!("SKIP: {r}");
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let out =
-        Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/test-guest/build.sh"))
-            .arg(tmp.path().join("guest"))
-            .output()
-            .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let kernel = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let image = tmp.path().join("disk.img");
-    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let (kernel, image) = test_guest_assets(tmp.path());
     let policy = "manifest_version = 1\npolicy_name = \"vm\"\npriority = 10\n[match]\nworkload_class = [\"vm\"]\n[select]\nbackend_priority = [\"firecracker\"]\ntemplates = [\"guest\"]\nfallback_on_missing_hook = \"continue\"\n[pool]\nenabled = false\nreset_mode = \"mm-template\"\n";
     let d = Daemon::start(Opts {
-        backends: format!("firecracker = \"{FC}\""),
+        backends: format!("firecracker = \"{FIRECRACKER}\""),
         policies: vec![("vm.toml".into(), policy.into())],
         ..Default::default()
     });

@@ -146,15 +146,7 @@ fn storm_of_64_creates_against_16_slots_bwrap() {
     let t0 = Instant::now();
     let ids = check_storm(&storm(&bw.d, "rel", 64), 16);
     eprintln!("bwrap storm answered in {:?}", t0.elapsed());
-    let dirs: Vec<String> = {
-        let mut v: Vec<String> = std::fs::read_dir(bw.instances_dir())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    };
+    let dirs = bw.instance_dir_names();
     assert_eq!(
         dirs, ids,
         "one instance dir per created sandbox, none for refused ones"
@@ -392,12 +384,7 @@ fn creates_cut_by_the_request_timeout_leave_nothing_behind() {
         running.len(),
         "capacity counts only live sandboxes: {host}"
     );
-    let mut dirs: Vec<String> = std::fs::read_dir(bw.instances_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    dirs.sort();
+    let dirs = bw.instance_dir_names();
     let mut r = running.clone();
     r.sort();
     assert_eq!(dirs, r, "instance dirs = running sandboxes");

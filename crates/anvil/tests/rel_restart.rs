@@ -217,10 +217,9 @@ fn cgroup_name_of(bw: &Bw, id: &str) -> String {
         return id.to_string();
     }
     let ids: Vec<String> = live(bw).keys().cloned().collect();
-    let mut orphans: Vec<String> = std::fs::read_dir(bw.instances_dir())
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+    let mut orphans: Vec<String> = bw
+        .instance_dir_names()
+        .into_iter()
         .filter(|n| !ids.contains(n))
         .collect();
     assert_eq!(

@@ -206,6 +206,17 @@ impl Bw {
         self.d.state_dir().join("instances")
     }
 
+    /// Names of the directories under the state dir's `instances/`, sorted.
+    pub fn instance_dir_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.instances_dir())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
     pub fn instance_dir(&self, name: &str) -> PathBuf {
         self.instances_dir().join(name)
     }
